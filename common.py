@@ -1,0 +1,706 @@
+"""Shared plumbing for the method scripts and eval.py: loading, prompt encoding, sampling, generation, run folders.
+
+Nothing here holds a method's idea (a loss, a schedule, a critic): those live in the method scripts. What is here:
+
+- `load_model`: any diffusers Stable Diffusion folder or hub id, or `tiny` (= data/tiny-sd), onto a device/dtype,
+  frozen parts in eval mode without gradients; a one-line error for a missing/malformed folder or an unreachable hub.
+- `encode_prompts` (cached), `cfg_eps` (classifier-free guidance on one doubled batch), `x0_from_eps`,
+  `ddim_step` (stochastic with `eta`, returns the Gaussian log-probability), `sample` (can return the trajectory),
+  `decode`, `generate` (a prompt file into an image folder: per-row seeds, batched, resumable, sharded under
+  torchrun so that 1 and N processes write identical files).
+- Run folders (`args.json`, `metrics.jsonl`, atomic writes, checkpoints for `--resume`), seeding, saving and loading
+  the trained UNet in diffusers format, ESD's parameter selector, concept -> prompts, a before/after sample grid.
+"""
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(ROOT, "data", "tiny-sd")
+PROMPTS_DIR = os.path.join(ROOT, "data", "prompts")
+SD_IDS = ["CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+IMAGENETTE = [
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
+]
+IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491, "church": 497,
+                  "French horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, without a traceback, by `cli`."""
+
+
+def cli(main, args) -> None:
+    """Run `main(args)`; a UsageError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        main(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- device, dtype, seeding
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None`/"auto" -> CUDA (this process's LOCAL_RANK under torchrun) when available, else CPU."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA but none is available; use --device cpu")
+    return dev
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """Dtype of the frozen models: "auto" = bf16 on CUDA (design.md), fp32 elsewhere."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA for the trained model (its weights stay fp32); nothing on CPU."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded Stable Diffusion model (diffusers components) and what the scripts need to know about it."""
+
+    name: str  # what the user passed (e.g. "tiny", a hub id, a folder)
+    path: str  # resolved folder or hub id
+    world: str  # "tiny" or "sd": which judge, CLIP and defaults apply
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # the training (DDPM) scheduler, with the model's noise schedule
+    device: torch.device
+    dtype: torch.dtype
+    resolution: int  # image side in pixels (32 tiny, 512 SD)
+    prompt_cache: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.unet.config.in_channels, self.resolution // f, self.resolution // f)
+
+
+def resolve_model_path(name: str) -> str:
+    if name == "tiny":
+        return TINY
+    return name
+
+
+def is_tiny(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isdir(TINY) and os.path.samefile(path, TINY)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+
+
+def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | None = None) -> Model:
+    """Load a Stable Diffusion model's components, frozen (eval mode, no gradients), onto `device` in `dtype`.
+
+    `name`: "tiny" (the embedded model, data/tiny-sd), a hub id (CompVis/stable-diffusion-v1-4,
+    stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder. `unet_path`: a trained UNet folder
+    (diffusers format) to use instead of the model's own.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
+    path = resolve_model_path(name)
+    local = os.path.isdir(path)
+    if not local and not looks_like_hub_id(path):
+        raise UsageError(f"model folder {path!r} does not exist; use --model tiny for the embedded model, or a hub id "
+                         f"such as {SD_IDS[0]}")
+    if local:
+        for part in ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
+            if not os.path.exists(os.path.join(path, part)):
+                raise UsageError(f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no "
+                                 f"{part!r} (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                                 f"scheduler/)")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)  # transformers' name
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)  # diffusers' name
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        unet_src = dict(pretrained_model_name_or_path=unet_path) if unet_path else dict(
+            pretrained_model_name_or_path=path, subfolder="unet")
+        if unet_path and not os.path.isfile(os.path.join(unet_path, "config.json")):
+            raise UsageError(f"UNet folder {unet_path!r} has no config.json (expected a diffusers UNet folder)")
+        unet = UNet2DConditionModel.from_pretrained(**unet_src, torch_dtype=dtype)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- hub/IO failures surface as many types (OSError, ValueError, ImportError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use "
+                "--model tiny for the embedded model" if not local else "")
+        raise UsageError(f"could not load model {name!r}: {first}{hint}")
+    for m in (unet, vae, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = unet.config.sample_size * f
+    world = "tiny" if resolution < 256 else "sd"  # the tiny world is 32x32 wherever its folder lives
+    return Model(name=name, path=path, world=world, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 scheduler=scheduler, device=device, dtype=dtype, resolution=resolution)
+
+
+def trainable_unet(model: Model, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A fp32 copy of the model's UNet to train (design.md: trainable weights fp32 under autocast)."""
+    unet = copy.deepcopy(model.unet).to(torch.float32).train()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def select_params(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """ESD's parameter groups (Gandikota et al. 2023), by diffusers names; sets requires_grad accordingly.
+
+    full: every parameter; xattn: cross-attention (attn2); xattn-kv: cross-attention to_k/to_v only (f-DMU's choice);
+    noxattn: everything except cross-attention and the time embedding (ESD's choice for objects and nudity).
+    """
+    rules = {
+        "full": lambda n: True,
+        "xattn": lambda n: "attn2." in n,
+        "xattn-kv": lambda n: "attn2.to_k." in n or "attn2.to_v." in n,
+        "noxattn": lambda n: "attn2." not in n and not n.startswith("time_embedding."),
+    }
+    if which not in rules:
+        raise UsageError(f"unknown parameter selection {which!r}; accepted: {', '.join(rules)}")
+    chosen = []
+    for name, p in unet.named_parameters():
+        p.requires_grad_(rules[which](name))
+        if p.requires_grad:
+            chosen.append(p)
+    if not chosen:
+        raise UsageError(f"parameter selection {which!r} matches no parameter of this UNet")
+    return chosen
+
+
+# ---------------------------------------------------------------- prompts and the denoising step
+
+
+@torch.no_grad()
+def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder states (N, L, D) for prompts, as StableDiffusionPipeline computes them; cached per prompt."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in model.prompt_cache]
+    if missing:
+        ids = model.tokenizer(missing, padding="max_length", max_length=model.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(model.device)
+        states = model.text_encoder(ids)[0]
+        for p, s in zip(missing, states):
+            model.prompt_cache[p] = s
+    return torch.stack([model.prompt_cache[p] for p in prompts])
+
+
+def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps("") + w (eps(c) - eps("")), one UNet call on the doubled batch."""
+    if scale == 1.0:
+        return unet(x, t, cond).sample
+    t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
+    eps_u, eps_c = unet(torch.cat([x, x]), t2, torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def x0_from_eps(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    abar = scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device)].float()
+    abar = abar.reshape(-1, *([1] * (x_t.ndim - 1))) if abar.ndim else abar
+    return (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
+
+
+def ddim_timesteps(scheduler, steps: int) -> list[int]:
+    """The timesteps DDIMScheduler.set_timesteps(steps) uses for this model's config ("leading" spacing + offset)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    return ddim.timesteps.tolist()
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: int, eta: float = 0.0,
+              generator: torch.Generator | None = None, prev: torch.Tensor | None = None):
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), same arithmetic as diffusers' DDIMScheduler.step.
+
+    With eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws
+    `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob) with the
+    log-density of x_prev summed over all but the batch dimension (DDPO's form; None when eta = 0).
+    """
+    acp = scheduler.alphas_cumprod
+    t_prev = t - scheduler.config.num_train_timesteps // steps
+    a_t = acp[t]
+    final = torch.tensor(1.0) if scheduler.config.get("set_alpha_to_one", True) else acp[0]
+    a_prev = acp[t_prev] if t_prev >= 0 else final
+    b_t = 1 - a_t
+    x0 = (x_t - b_t**0.5 * eps) / a_t**0.5
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+    std = eta * variance**0.5
+    mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    if eta == 0:
+        return mean, None
+    if prev is None:
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device="cpu").to(x_t.device)
+        prev = mean + std * noise
+    log_prob = (-((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    return prev, log_prob.sum(dim=tuple(range(1, x_t.ndim)))
+
+
+@torch.no_grad()
+def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
+    """x_T for each seed, drawn on the CPU (device-independent), as the pipeline does with CPU generators."""
+    shape = (1, *model.latent_shape)
+    z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=model.dtype) for s in seeds]
+    return torch.cat(z).to(model.device)
+
+
+def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps: int = 25, guidance: float = 7.5,
+           eta: float = 0.0, unet=None, generator=None, return_trajectory: bool = False):
+    """DDIM sampling from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
+
+    Returns x_0 latents, or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
+    (T, N) (eta > 0), `timesteps` (T,). Gradients flow only if the caller enables them.
+    """
+    unet = unet or model.unet
+    uncond = encode_prompts(model, [""]).expand(len(cond), -1, -1)
+    x = latents
+    traj, logps = [x], []
+    timesteps = ddim_timesteps(model.scheduler, steps)
+    for t in timesteps:
+        eps = cfg_eps(unet, x, torch.full((len(x),), t, device=x.device), cond, uncond, guidance)
+        x, logp = ddim_step(model.scheduler, eps, t, x, steps, eta, generator)
+        x = x.to(latents.dtype)
+        if return_trajectory:
+            traj.append(x)
+            logps.append(logp)
+    if not return_trajectory:
+        return x
+    return dict(latents=torch.stack(traj), log_probs=torch.stack(logps) if eta > 0 else None,
+                timesteps=torch.tensor(timesteps))
+
+
+@torch.no_grad()
+def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images (N, H, W, 3), as StableDiffusionPipeline's postprocessing."""
+    x = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+    x = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def encode_images(model: Model, images: np.ndarray, generator=None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> scaled latents (a sample of the VAE posterior, as in SD training)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(model.device, model.vae.dtype) / 127.5 - 1
+    post = model.vae.encode(x).latent_dist
+    return post.sample(generator) * model.vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------- prompt files and image folders
+
+REQUIRED_COLUMNS = ["case_number", "prompt"]
+
+
+def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
+    """Rows of a prompt file (`case_number,prompt,evaluation_seed[,class][,...]`; extra columns kept).
+
+    Accepts the common variants: `sd_seed` for the seed (I2P), `caption` or `text` for the prompt and a missing
+    `case_number` (COCO caption files); a missing seed becomes `default_seed + case_number`.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path!r} does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if "prompt" not in columns:
+        for alt in ("caption", "text"):
+            if alt in columns:
+                for r in rows:
+                    r["prompt"] = r[alt]
+                break
+        else:
+            raise UsageError(f"{path}: no 'prompt' column (found {columns}); required: {REQUIRED_COLUMNS}")
+    out = []
+    for i, r in enumerate(rows):
+        case = r.get("case_number", "") or i
+        try:
+            case = int(case)
+        except ValueError:
+            raise UsageError(f"{path}: case_number {case!r} in row {i + 2} is not an integer")
+        seed = r.get("evaluation_seed") or r.get("sd_seed") or (default_seed + case)
+        try:
+            seed = int(float(seed))
+        except ValueError:
+            raise UsageError(f"{path}: evaluation_seed {seed!r} in row {i + 2} is not an integer")
+        out.append({**r, "case_number": case, "evaluation_seed": seed, "prompt": r["prompt"] or ""})
+    if not out:
+        raise UsageError(f"prompt file {path!r} has no rows")
+    cases = [r["case_number"] for r in out]
+    if len(set(cases)) != len(cases):
+        raise UsageError(f"{path}: case_number values are not unique")
+    return out
+
+
+def write_prompts(path: str, rows: list[dict]) -> None:
+    columns = ["case_number", "prompt", "evaluation_seed"]
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    atomic_write(path, lambda f: _write_csv(f, columns, rows), mode="w")
+
+
+def _write_csv(f, columns, rows):
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def atomic_write(path: str, write_fn, mode: str = "w") -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str))
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if dist_info()[1] > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.barrier()
+
+
+def generate(model: Model, prompt_file: str, out_dir: str, n_per_prompt: int = 1, steps: int = 25,
+             guidance: float = 7.5, batch_size: int = 64, unet=None, limit: int | None = None,
+             progress: bool = True) -> str:
+    """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`.
+
+    Image k of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM, `steps` steps, guidance
+    `guidance`). Images are sampled in fixed batches of `batch_size` consecutive (row, k) pairs, and batch j goes to
+    rank j mod N under `torchrun --nproc_per_node N`: a batch's composition never depends on N or on what is already
+    written, so 1 and N processes, and a resumed run, write bit-identical files (batched matmuls round differently
+    for different batch compositions). A batch whose files all exist is skipped; a partly written one is sampled
+    again and only its missing files are written. `generation.json` records the settings; resuming with other
+    settings is an error.
+    """
+    if n_per_prompt < 1 or steps < 1 or batch_size < 1:
+        raise UsageError(f"n_per_prompt, steps and batch_size must be >= 1 (got {n_per_prompt}, {steps}, {batch_size})")
+    rows = read_prompts(prompt_file)[:limit]
+    rank, world = dist_info()
+    os.makedirs(out_dir, exist_ok=True)
+    settings = dict(model=model.path if not is_tiny(model.path) else "tiny", unet=getattr(unet, "name_or_path", None)
+                    or (getattr(getattr(unet, "config", None), "_name_or_path", None) if unet else None),
+                    sampler="DDIM eta=0", steps=steps, guidance=guidance, n_per_prompt=n_per_prompt, batch_size=batch_size,
+                    resolution=model.resolution, seed_rule="image k of a row uses seed evaluation_seed + k",
+                    source=os.path.abspath(prompt_file))
+    settings_path = os.path.join(out_dir, "generation.json")
+    if os.path.exists(settings_path):
+        old = json.load(open(settings_path))
+        diff = {k: (old.get(k), v) for k, v in settings.items() if k not in ("unet", "source") and old.get(k) != v}
+        if diff:
+            raise UsageError(f"{out_dir} holds images made with other settings {diff}; use a new folder")
+    if rank == 0:
+        save_json(settings_path, settings)
+        write_prompts(os.path.join(out_dir, "prompts.csv"), rows)
+    items = [(r, k) for r in rows for k in range(n_per_prompt)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)][rank::world]
+
+    def path_of(r, k):
+        return os.path.join(out_dir, f"{r['case_number']}_{k}.png")
+
+    todo = [b for b in batches if not all(os.path.exists(path_of(r, k)) for r, k in b)]
+    bar = tqdm(total=sum(len(b) for b in todo), desc=f"generate{f' rank {rank}' if world > 1 else ''}",
+               disable=not progress)
+    for chunk in todo:
+        cond = encode_prompts(model, [r["prompt"] for r, _ in chunk])
+        with torch.no_grad(), autocast(model.device, model.dtype):
+            z = sample(model, cond, initial_latents(model, [r["evaluation_seed"] + k for r, k in chunk]), steps,
+                       guidance, unet=unet)
+        for (r, k), img in zip(chunk, decode(model, z)):
+            if not os.path.exists(path_of(r, k)):
+                atomic_write(path_of(r, k), lambda f, img=img: Image.fromarray(img).save(f, format="PNG"), mode="wb")
+        bar.update(len(chunk))
+    bar.close()
+    _barrier(model.device)
+    return out_dir
+
+
+# ---------------------------------------------------------------- concepts -> prompts
+
+
+def _read_prompt_column(path: str) -> list[str]:
+    return [r["prompt"] for r in read_prompts(path)]
+
+
+def imagenette_class(concept: str) -> str | None:
+    """The Imagenette class a concept names ("church", "chain_saw", "English springer"), or None."""
+    key = concept.replace("_", " ").lower()
+    return next((c for c in IMAGENETTE if c.lower() == key), None)
+
+
+def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
+    """Forget and retain prompts for a concept.
+
+    - an Imagenette class: forget "an image of a {class}", retain the other nine classes (data/prompts/imagenette.csv);
+    - "nudity": forget the prompts of data/prompts/nudity.csv, retain data/prompts/nudity_retain.csv;
+    - any other text: forget a few templates around it; retain prompts must come from `retain_file`.
+    `retain_file` (a prompt file) replaces the default retain prompts in every case.
+    """
+    if not concept or not concept.strip():
+        raise UsageError("empty --concept; give an Imagenette class (e.g. church), nudity, or a free-text concept")
+    cls = imagenette_class(concept)
+    if cls is not None:
+        rows = read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))
+        forget = [r["prompt"] for r in rows if r["class"] == cls]
+        retain = [r["prompt"] for r in rows if r["class"] != cls]
+        out = dict(concept=cls, kind="class", forget=forget, retain=retain, retain_classes=[c for c in IMAGENETTE
+                                                                                               if c != cls])
+    elif concept.lower() == "nudity":
+        out = dict(concept="nudity", kind="nudity", forget=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity.csv")),
+                   retain=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity_retain.csv")), retain_classes=[])
+    else:
+        if retain_file is None:
+            raise UsageError(f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
+                             f"'nudity': give its retain prompts with --retain_prompts FILE")
+        templates = ["an image of {c}", "a photo of {c}", "a painting of {c}", "{c}"]
+        out = dict(concept=concept, kind="free", forget=[t.format(c=concept) for t in templates], retain=[],
+                   retain_classes=[])
+    if retain_file is not None:
+        out["retain"] = _read_prompt_column(retain_file)
+    if not out["forget"] or not out["retain"]:
+        raise UsageError(f"concept {concept!r} has no {'forget' if not out['forget'] else 'retain'} prompts")
+    return out
+
+
+# ---------------------------------------------------------------- run folders, checkpoints, weights
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
+                transformers=transformers.__version__, numpy=np.__version__)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_dir_name(method: str, concept: str, seed: int) -> str:
+    return f"{method}__{concept.replace(' ', '_')}__s{seed}"
+
+
+def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
+    """Create (or, with --resume, reopen) the run folder and write args.json with every resolved setting."""
+    run = args.out_dir or os.path.join("runs", run_dir_name(method, args.concept, args.seed))
+    if os.path.exists(os.path.join(run, "args.json")) and not args.resume:
+        if os.path.exists(os.path.join(run, "checkpoint")) or os.path.exists(os.path.join(run, "unet")):
+            raise UsageError(f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to "
+                             f"choose another folder")
+    os.makedirs(run, exist_ok=True)
+    record = dict(method=method, args={k: v for k, v in vars(args).items()}, base_model=model.path if model.world == "sd"
+                  else "tiny", world=model.world, versions=versions(), git_commit=git_commit(),
+                  command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), **(extra or {}))
+    save_json(os.path.join(run, "args.json"), record)
+    return run
+
+
+def log_metrics(run: str, step: int, values: dict) -> None:
+    """Append one line to metrics.jsonl (flushed and synced, so a crash loses at most the line being written)."""
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}})
+                + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if os.path.exists(old):
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def save_unet(unet, path: str) -> None:
+    """Save a UNet in diffusers format (safetensors), atomically: write a sibling folder, then swap it in."""
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    unet.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, path)
+
+
+def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra: dict | None = None) -> None:
+    """Everything `--resume` needs, as safetensors + JSON in run/checkpoint/ (swapped in atomically).
+
+    modules: name -> nn.Module (state dicts); optimizers: name -> torch optimizer; extra: JSON-able values.
+    The torch and numpy RNG states are saved too, so a resumed run continues the same random stream.
+    """
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, dict(step=step, extra=extra or {}, optimizers={})
+    for name, m in modules.items():
+        for k, v in m.state_dict().items():
+            tensors[f"module.{name}.{k}"] = v.detach().contiguous().cpu()
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        meta["optimizers"][name] = dict(param_groups=sd["param_groups"], scalars={})
+        for pid, state in sd["state"].items():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{name}.{pid}.{k}"] = v.detach().contiguous().cpu()
+                else:
+                    meta["optimizers"][name]["scalars"][f"{pid}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta["rng_numpy"] = np.random.get_state()[1].tolist()
+    meta["rng_python"] = repr(random.getstate())
+    tmp = os.path.join(run, "checkpoint.tmp")
+    os.makedirs(tmp, exist_ok=True)
+    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(meta, f)
+    _replace_dir(tmp, os.path.join(run, "checkpoint"))
+
+
+def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
+    """Restore what save_checkpoint wrote; returns {"step", "extra"}. Truncates metrics.jsonl to that step."""
+    from safetensors.torch import load_file
+
+    folder = os.path.join(run, "checkpoint")
+    if not os.path.exists(os.path.join(folder, "state.json")):
+        raise UsageError(f"--resume: {run!r} has no checkpoint to resume from")
+    tensors = load_file(os.path.join(folder, "state.safetensors"))
+    meta = json.load(open(os.path.join(folder, "state.json")))
+    for name, m in modules.items():
+        prefix = f"module.{name}."
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name, opt in optimizers.items():
+        om = meta["optimizers"][name]
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith(f"opt.{name}."):
+                pid, key = k[len(f"opt.{name}.") :].split(".", 1)
+                state.setdefault(int(pid), {})[key] = v
+        for k, v in om["scalars"].items():
+            pid, key = k.split(".", 1)
+            state.setdefault(int(pid), {})[key] = v
+        opt.load_state_dict(dict(state=state, param_groups=om["param_groups"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.array(meta["rng_numpy"], dtype=np.uint32), *np_state[2:]))
+    metrics = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(metrics):
+        lines = [ln for ln in open(metrics) if ln.strip() and json.loads(ln)["step"] <= meta["step"]]
+        atomic_write(metrics, lambda f: f.writelines(lines))
+    return dict(step=meta["step"], extra=meta["extra"])
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop with a clear message on a NaN/inf loss (the last checkpoint is kept untouched)."""
+    if not torch.isfinite(loss):
+        raise UsageError(f"loss became {loss.item()} at step {step}; the run stopped and its last checkpoint is kept "
+                         f"(lower --lr, or resume from the checkpoint)")
+
+
+# ---------------------------------------------------------------- sample grid
+
+
+@torch.no_grad()
+def sample_grid(model: Model, unets: list, prompts: list[str], path: str, n: int = 4, steps: int = 25,
+                guidance: float = 7.5, seed: int = 0) -> None:
+    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds."""
+    cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
+    z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
+    blocks = []
+    for unet in unets:
+        with autocast(model.device, model.dtype):
+            imgs = decode(model, sample(model, cond, z_T, steps, guidance, unet=unet))
+        h = imgs.shape[1]
+        blocks.append(imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4).reshape(len(prompts) * h, n * h, 3))
+        blocks.append(np.full((len(prompts) * h, max(2, h // 8), 3), 255, np.uint8))  # white separator
+    grid = np.concatenate(blocks[:-1], axis=1)
+    scale = max(1, 128 // grid.shape[0] * 2) if grid.shape[0] < 256 else 1
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+    atomic_write(path, lambda f: img.save(f, format="PNG"), mode="wb")

@@ -1,0 +1,576 @@
+"""Build the tiny world from scratch: tiny-sd, tiny-clip and tiny-classifier, trained on Pictonette.
+
+    python data/build_tiny.py                 # full build into data/ (about an hour on 2 CPU cores)
+    python data/build_tiny.py --smoke         # every stage for a few iterations, into a temporary folder
+    python data/build_tiny.py --stages report # only re-measure the quality figures of the built models
+
+Stages, in order (each one saves its result before the next starts; `--stages` reruns a subset):
+  tokenizer   CLIPTokenizer with a BPE vocabulary learnt from the captions' words (every word one token)
+  vae         AutoencoderKL 32x32x3 -> 4x8x8, reconstruction + small KL; sets scaling_factor = 1/std(latents)
+  classifier  ResNet judge (transformers) over the 10 classes, trained with blur, noise and VAE reconstructions
+              so that it judges the concept, not the generator's softness
+  clip        CLIPModel (text + vision) trained contrastively; its text tower becomes tiny-sd's text encoder
+  unet        UNet2DConditionModel on frozen text-encoder states, SD v1.4's noise schedule, 10% empty prompts,
+              EMA weights; saved with the rest as a StableDiffusionPipeline folder
+  report      the quality figures: judge accuracy, per-class accuracy of generated images, style/background
+              rates, UNet speed, sample grid (data/tiny-sd/samples.png), written to <out>/build_report.json
+
+Everything is seeded (`--seed`); data come from `pictonette.make` with training seeds below 1000, held-out
+evaluation images from seeds >= 1000.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pictonette  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = ["tokenizer", "vae", "classifier", "clip", "unet", "report"]
+MAX_TOKENS = 16  # longest caption is 13 tokens with the start/end tokens
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def data_pool(n: int, seed: int) -> dict:
+    """A training pool, generated once (about 1 ms per image)."""
+    return pictonette.make(n, seed=seed)
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur (sigma (N,) in pixels; 0 = none), 5x5 separable kernel."""
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))  # (N, 5)
+    k = k / k.sum(1, keepdim=True)
+    n, c, h, w = x.shape
+    xp = F.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate")
+    kc = k.repeat_interleave(c, 0)  # (N*C, 5)
+    xp = F.conv2d(xp, kc[:, None, None, :], groups=n * c)
+    xp = F.conv2d(xp, kc[:, None, :, None], groups=n * c)
+    return xp.reshape(n, c, h, w)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges (CLIP's format, "</w>" marks a word's end) until every word is a single token."""
+    corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in words}
+    merges = []
+    while True:
+        pairs = Counter()
+        for symbols in corpus:
+            for a, b in zip(symbols, symbols[1:]):
+                pairs[(a, b)] += 1
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent, ties broken alphabetically
+        merges.append(best)
+        new = {}
+        for symbols in corpus:
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            new[tuple(out)] = 1
+        corpus = new
+
+
+def build_tokenizer(out: str):
+    from transformers import CLIPTokenizer
+
+    words = pictonette.vocabulary()
+    merges = learn_bpe(words)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = list(letters) + [c + "</w>" for c in letters]
+    vocab += [a + b for a, b in merges if a + b not in vocab]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]  # last two ids, as in CLIP (eos has the largest id)
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(vocab)}, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                            model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
+        tok.save_pretrained(out)
+    tok = CLIPTokenizer.from_pretrained(out)
+    for w in words:  # every caption word must be exactly one token
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (w, ids)
+    print(f"tokenizer: {len(vocab)} tokens, {len(words)} words, {len(merges)} merges")
+    return tok
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    print(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
+    pool = to_tensor(data_pool(max(batch * 4, min(steps * batch, 40000)), seed=1)["images"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    gen = torch.Generator().manual_seed(seed)
+    for step in (bar := tqdm(range(steps), desc="vae")):
+        x = pool[torch.randint(len(pool), (batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        kl = post.kl().mean() / (4 * 8 * 8)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval()
+    with torch.no_grad():  # SD's scaling_factor convention: unit-variance latents
+        held = to_tensor(pictonette.make(n_eval, seed=1001)["images"])
+        post = vae.encode(held).latent_dist
+        z = post.sample(generator=gen)
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        rec = vae.decode(post.mode()).sample
+        mse = F.mse_loss(rec, held).item()
+    vae.save_pretrained(out, safe_serialization=True)
+    print(f"vae: held-out reconstruction MSE {mse:.4f} (on [-1, 1]), scaling_factor {vae.config.scaling_factor:.4f}")
+    return dict(vae_mse=mse, vae_scaling_factor=vae.config.scaling_factor)
+
+
+# ---------------------------------------------------------------- classifier (the judge)
+
+
+def classifier_augment(x: torch.Tensor, vae, gen: torch.Generator) -> torch.Tensor:
+    """Cover the gap between crisp procedural images and soft generated ones: VAE round trips, blur, noise."""
+    n = len(x)
+    with torch.no_grad():
+        use_vae = torch.rand(n, generator=gen) < 0.5
+        if use_vae.any():
+            z = vae.encode(x[use_vae]).latent_dist.sample(generator=gen)
+            x = x.clone()
+            x[use_vae] = vae.decode(z).sample.clamp(-1, 1)
+        sigma = torch.rand(n, generator=gen) * 1.2 * (torch.rand(n, generator=gen) < 0.5)
+        x = blur(x, sigma)
+        x = x + torch.randn(x.shape, generator=gen) * 0.08 * torch.rand(n, 1, 1, 1, generator=gen)
+        x = x * (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5))  # contrast jitter
+    return x.clamp(-1, 1)
+
+
+def build_classifier(out: str, vae_dir: str, steps: int, seed: int, n_eval: int, batch: int = 128):
+    from diffusers import AutoencoderKL
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
+        num_labels=len(pictonette.CLASSES), id2label=dict(enumerate(pictonette.CLASSES)),
+        label2id={c: i for i, c in enumerate(pictonette.CLASSES)},
+    )
+    model = ResNetForImageClassification(config)
+    # The processor upsamples 32 -> 64 so the ResNet stem (stride 4) keeps the icons' details.
+    processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  resample=2)  # bilinear
+    print(f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    data = data_pool(min(steps * batch, 50000), seed=2)
+    pool, labels = to_tensor(data["images"]), torch.from_numpy(data["labels"])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="classifier")):
+        idx = torch.randint(len(pool), (batch,), generator=gen)
+        x = classifier_augment(pool[idx], vae, gen)
+        x = F.interpolate(x, size=64, mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(model(pixel_values=x).logits, labels[idx], label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    held = pictonette.make(n_eval, seed=1002)
+    x, y = to_tensor(held["images"]), torch.from_numpy(held["labels"])
+    with torch.no_grad():
+        acc = classify(model, x).eq(y).float().mean().item()
+        z = vae.encode(x).latent_dist.mode()
+        acc_vae = classify(model, vae.decode(z).sample.clamp(-1, 1)).eq(y).float().mean().item()
+    print(f"classifier: held-out top-1 {acc:.4f} on real images, {acc_vae:.4f} on their VAE reconstructions")
+    return dict(classifier_acc_real=acc, classifier_acc_vae=acc_vae)
+
+
+def classify(model, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Top-1 class of images in [-1, 1] at 32x32 (same preprocessing as the saved processor)."""
+    preds = []
+    for i in range(0, len(x), batch):
+        xi = F.interpolate(x[i : i + batch], size=64, mode="bilinear", align_corners=False)
+        preds.append(model(pixel_values=xi).logits.argmax(-1))
+    return torch.cat(preds)
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+def build_clip(out: str, tok_dir: str, steps: int, seed: int, n_eval: int, batch: int = 256):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    text_cfg = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                    num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=128)
+    vision_cfg = dict(image_size=32, patch_size=4, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, projection_dim=128)
+    model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=128))
+    print(f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    data = data_pool(min(steps * batch, 60000), seed=3)
+    pool = to_tensor(data["images"])
+    ids = tok(data["captions"], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+              return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="clip")):
+        idx = torch.randint(len(pool), (batch,), generator=gen)
+        x = pool[idx]
+        x = blur(x, torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.3))
+        outputs = model(input_ids=ids[idx], pixel_values=x)
+        # Several images share a caption: every pair with equal captions is a positive (multi-positive InfoNCE).
+        same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
+        target = same / same.sum(1, keepdim=True)
+        logits = outputs.logits_per_image
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+    model.eval()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True),
+        tokenizer=tok,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    acc = clip_zero_shot_accuracy(model, tok, pictonette.make(n_eval, seed=1003))
+    print(f"clip: zero-shot top-1 ('an image of a {{class}}') on held-out images {acc:.4f}")
+    return dict(clip_zero_shot_acc=acc)
+
+
+def clip_zero_shot_accuracy(model, tok, held) -> float:
+    prompts = [f"an image of a {c}" for c in pictonette.CLASSES]
+    with torch.no_grad():
+        t = model.get_text_features(**tok(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt"))
+        v = model.get_image_features(pixel_values=to_tensor(held["images"]))
+        pred = (F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).argmax(-1)
+    return pred.eq(torch.from_numpy(held["labels"])).float().mean().item()
+
+
+# ---------------------------------------------------------------- UNet and the pipeline folder
+
+
+def unet_config():
+    return dict(
+        # 8x8 -> 4x4 with attention at 4x4 and in the middle block: 4.0M parameters, about 0.5 s per training step
+        # at batch 64 on 2 CPU cores; attention at 8x8 would cost 1.6x the time for little gain on 32x32 icons.
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, seed: int, batch: int = 64):
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    text_encoder.eval().requires_grad_(False)
+    # SD v1.4's schedule; from_config keeps SD's DDIM/PNDM keys (set_alpha_to_one, skip_prk_steps) in the config so
+    # that DDIMScheduler.from_config(pipe.scheduler.config) behaves as it does on SD.
+    scheduler = DDPMScheduler.from_config(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
+    ))
+    unet = UNet2DConditionModel(**unet_config())
+    print(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+    ema = copy.deepcopy(unet).requires_grad_(False)
+
+    # Cache what is frozen: latents of the whole pool (posterior mean and std) and text states per unique caption.
+    data = data_pool(min(steps * batch, 80000), seed=4)
+    with torch.no_grad():
+        x = to_tensor(data["images"])
+        means, stds = [], []
+        for i in tqdm(range(0, len(x), 1000), desc="unet: encode pool"):
+            post = vae.encode(x[i : i + 1000]).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+        means, stds = torch.cat(means), torch.cat(stds)
+        captions = sorted(set(data["captions"])) + [""]
+        index = {c: i for i, c in enumerate(captions)}
+        cap_idx = torch.tensor([index[c] for c in data["captions"]])
+        states = []
+        for i in range(0, len(captions), 1000):
+            ids = tok(captions[i : i + 1000], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                      return_tensors="pt").input_ids
+            states.append(text_encoder(ids)[0])
+        states = torch.cat(states)  # (n_captions, 16, 128)
+    empty = index[""]
+    sf = vae.config.scaling_factor
+    opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup=200))
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+    for step in (bar := tqdm(range(steps), desc="unet")):
+        idx = torch.randint(len(means), (batch,), generator=gen)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
+        cond = cap_idx[idx].clone()
+        cond[torch.rand(batch, generator=gen) < 0.1] = empty  # 10% empty prompts for classifier-free guidance
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        zt = scheduler.add_noise(z0, noise, t)
+        loss = F.mse_loss(unet(zt, t, states[cond]).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema_update(ema, unet, decay=min(0.999, (1 + step) / (10 + step)))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=ema.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"unet: saved the pipeline to {out}")
+    return {}
+
+
+# ---------------------------------------------------------------- quality report
+
+
+def style_and_background(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per image: the fraction of pixels that differ from the background, and the background's colour name.
+
+    The background is the median colour of the 2-pixel border; a sketch covers few pixels, a filled icon many.
+    """
+    border = np.concatenate([images[:, :2].reshape(len(images), -1, 3), images[:, -2:].reshape(len(images), -1, 3),
+                             images[:, :, :2].reshape(len(images), -1, 3), images[:, :, -2:].reshape(len(images), -1, 3)], 1)
+    bg = np.median(border.astype(float), axis=1)  # (N, 3)
+    coverage = (np.linalg.norm(images.astype(float) - bg[:, None, None], axis=-1) > 60).mean((1, 2))
+    names = list(pictonette.COLORS)
+    palette = np.array([pictonette.COLORS[n] for n in names], float)
+    bg_names = [names[i] for i in np.linalg.norm(bg[:, None] - palette[None], axis=-1).argmin(1)]
+    return coverage, bg_names
+
+
+def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100) -> np.ndarray:
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        res = pipe(prompts[i : i + batch], num_inference_steps=25, guidance_scale=7.5, generator=gens,
+                   height=32, width=32, output_type="np")
+        out.append((res.images * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def report(out: str, n_per_class: int, figures: dict) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+    from transformers import ResNetForImageClassification
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(out, "tiny-sd"))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    judge = ResNetForImageClassification.from_pretrained(os.path.join(out, "tiny-classifier")).eval()
+    classes = pictonette.CLASSES
+    seeds = [s for _ in classes for s in range(n_per_class)]
+    labels = torch.tensor([c for c in range(len(classes)) for _ in range(n_per_class)])
+
+    def accuracy(template):
+        images = sample_pipeline(pipe, [template.format(c) for c in classes for _ in range(n_per_class)], seeds)
+        with torch.no_grad():
+            pred = classify(judge, to_tensor(images))
+        per_class = {c: pred[labels == i].eq(i).float().mean().item() for i, c in enumerate(classes)}
+        return images, per_class
+
+    t0 = time.time()
+    images, per_class = accuracy("an image of a {}")
+    figures["gen_acc_per_class"] = per_class
+    figures["gen_acc_mean"] = float(np.mean(list(per_class.values())))
+    figures["gen_acc_min"] = float(min(per_class.values()))
+    _, per_class_photo = accuracy("a photo of a {}")
+    figures["gen_acc_photo_mean"] = float(np.mean(list(per_class_photo.values())))
+    figures["gen_acc_photo_min"] = float(min(per_class_photo.values()))
+    print(f"report: sampling + judging {3 * len(seeds)} images took {time.time() - t0:.0f} s")
+
+    # Style: calibrate the coverage threshold on real images (midpoint of the two styles' medians).
+    real_f = pictonette.make(10 * n_per_class, seed=1004, style="filled")["images"]
+    real_s = pictonette.make(10 * n_per_class, seed=1005, style="sketch")["images"]
+    cf, cs = style_and_background(real_f)[0], style_and_background(real_s)[0]
+    thr = float((np.median(cf) + np.median(cs)) / 2)
+    figures["sketch_threshold_coverage"] = thr
+    figures["sketch_rule_acc_on_real"] = float(((cf > thr).mean() + (cs <= thr).mean()) / 2)
+    n_style = min(20, n_per_class)
+    sk_prompts = [f"a sketch of a {c}" for c in classes for _ in range(n_style)]
+    sk_seeds = [s for _ in classes for s in range(n_style)]
+    cov_sketch = style_and_background(sample_pipeline(pipe, sk_prompts, sk_seeds))[0]
+    cov_plain = style_and_background(images)[0]
+    figures["sketch_prompt_outline_rate"] = float((cov_sketch <= thr).mean())
+    figures["plain_prompt_outline_rate"] = float((cov_plain <= thr).mean())
+    rates = {}
+    for colour in ["red", "blue", "green", "yellow"]:
+        bg_images = sample_pipeline(pipe, [f"a {c} on a {colour} background" for c in classes for _ in range(n_style)],
+                                    sk_seeds)
+        rates[colour] = float(np.mean([b == colour for b in style_and_background(bg_images)[1]]))
+    figures["background_rate"] = rates
+    figures["background_rate_mean"] = float(np.mean(list(rates.values())))
+
+    # Sample grid: one row per class, 8 seeds ("an image of a {class}").
+    cols = min(8, n_per_class)
+    grid = images.reshape(len(classes), n_per_class, 32, 32, 3)[:, :cols]
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(len(classes) * 32, cols * 32, 3)
+    Image.fromarray(grid).resize((cols * 32 * 3, len(classes) * 32 * 3), Image.Resampling.NEAREST).save(
+        os.path.join(out, "tiny-sd", "samples.png"))
+
+    # Speed: one UNet forward at batch 64.
+    torch.set_grad_enabled(False)
+    z = torch.randn(64, 4, 8, 8)
+    states = torch.randn(64, MAX_TOKENS, 128)
+    t = torch.full((64,), 500)
+    for _ in range(3):
+        pipe.unet(z, t, states)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        pipe.unet(z, t, states)
+    figures["unet_forward_b64_s"] = (time.perf_counter() - t0) / 20
+    figures["unet_params_M"] = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    torch.set_grad_enabled(True)
+    return figures
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default: data/, or a temporary folder with --smoke)")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
+                   help="run every stage for a few iterations into a temporary folder")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="stages to run (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps (batch 64)")
+    p.add_argument("--classifier_steps", type=int, default=600, help="classifier training steps (batch 128)")
+    p.add_argument("--clip_steps", type=int, default=800, help="CLIP training steps (batch 256)")
+    p.add_argument("--unet_steps", type=int, default=4000, help="UNet training steps (batch 64)")
+    p.add_argument("--n_eval", type=int, default=1000, help="held-out real images for the judge/VAE/CLIP figures")
+    p.add_argument("--report_per_class", type=int, default=50, help="generated images per class in the report")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vae_steps, args.classifier_steps, args.clip_steps, args.unet_steps = 3, 3, 3, 3
+        args.report_per_class, args.n_eval = 2, 20
+        if args.out is None:
+            args.out = tempfile.mkdtemp(prefix="tiny_smoke_")
+    args.out = args.out or HERE
+    for name in ["vae_steps", "classifier_steps", "clip_steps", "unet_steps", "report_per_class", "n_eval"]:
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out
+    tok_dir, vae_dir = os.path.join(out, "tiny-sd", "tokenizer"), os.path.join(out, "tiny-sd", "vae")
+    clip_dir, cls_dir = os.path.join(out, "tiny-clip"), os.path.join(out, "tiny-classifier")
+    report_path = os.path.join(out, "build_report.json")
+    figures = json.load(open(report_path)) if os.path.exists(report_path) else {}
+    timings = figures.setdefault("stage_seconds", {})
+    print(f"building the tiny world into {out} (stages: {' '.join(args.stages)})")
+    for stage in STAGES:
+        if stage not in args.stages:
+            continue
+        t0 = time.time()
+        if stage == "tokenizer":
+            build_tokenizer(tok_dir)
+        elif stage == "vae":
+            figures.update(build_vae(vae_dir, args.vae_steps, args.seed, args.n_eval))
+        elif stage == "classifier":
+            figures.update(build_classifier(cls_dir, vae_dir, args.classifier_steps, args.seed, args.n_eval))
+        elif stage == "clip":
+            figures.update(build_clip(clip_dir, tok_dir, args.clip_steps, args.seed, args.n_eval))
+        elif stage == "unet":
+            build_unet(os.path.join(out, "tiny-sd"), tok_dir, vae_dir, clip_dir, args.unet_steps, args.seed)
+        elif stage == "report":
+            figures = report(out, args.report_per_class, figures)
+        timings[stage] = round(time.time() - t0, 1)
+        figures["settings"] = {k: v for k, v in vars(args).items() if k not in ("stages",)}
+        tmp = report_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(figures, f, indent=2)
+        os.replace(tmp, report_path)
+        print(f"stage {stage} done in {timings[stage]:.0f} s")
+    print(json.dumps({k: v for k, v in figures.items() if k != "settings"}, indent=2))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,142 @@
+"""The embedded tiny world: Pictonette, the tokenizer, tiny-sd, tiny-clip, tiny-classifier and their build script."""
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pictonette
+from conftest import ROOT
+
+DATA = os.path.join(ROOT, "data")
+
+
+# ---------------------------------------------------------------- Pictonette
+
+
+def test_dataset_is_deterministic_and_prefix_stable():
+    a, b = pictonette.make(40, seed=7), pictonette.make(40, seed=7)
+    assert np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+    c = pictonette.make(60, seed=7)
+    assert np.array_equal(c["images"][:40], a["images"])  # sample i depends only on (seed, i)
+    d = pictonette.make(40, seed=8)
+    assert not np.array_equal(a["images"], d["images"])
+    assert a["images"].shape == (40, 32, 32, 3) and a["images"].dtype == np.uint8
+
+
+def test_classes_are_distinct_shapes():
+    # Same pose for every class: the filled masks must differ well beyond anti-aliasing noise.
+    masks = np.stack([pictonette.render_mask(c, "filled", 0.8, 0.0, 0.0, 0.0, False) > 0.5 for c in range(10)])
+    for i in range(10):
+        for j in range(i + 1, 10):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.75, (pictonette.CLASSES[i], pictonette.CLASSES[j], iou)
+
+
+def test_styles_and_captions_agree():
+    data = pictonette.make(300, seed=3)
+    for label, style, cap in zip(data["labels"], data["styles"], data["captions"]):
+        assert pictonette.CLASSES[label] in cap
+        if any(w in cap for w in ("sketch", "drawing", "outline")):
+            assert style == "sketch", cap
+    # a sketch covers far fewer object pixels than the filled icon
+    filled = pictonette.make(50, seed=4, style="filled", background="black")["images"]
+    sketch = pictonette.make(50, seed=4, style="sketch", background="black")["images"]
+    cover = lambda x: (np.abs(x.astype(int) - x[:, :1, :1].astype(int)).sum(-1) > 90).mean()  # noqa: E731
+    assert cover(sketch) < 0.75 * cover(filled)  # measured: 0.14 vs 0.22
+
+
+def test_background_is_the_asked_colour():
+    data = pictonette.make(20, seed=5, background="red")
+    corners = data["images"][:, 0, 0].astype(float)
+    assert np.abs(corners - np.array(pictonette.COLORS["red"])).max() < 50
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown class 'cat'"):
+        pictonette.make(2, seed=0, classes=["cat"])
+    with pytest.raises(ValueError, match="unknown style 'bold'"):
+        pictonette.make(2, seed=0, style="bold")
+
+
+def test_cli_writes_an_image_folder(tmp_path):
+    out = tmp_path / "real"
+    subprocess.run([sys.executable, os.path.join(DATA, "pictonette.py"), str(out), "--n_per_class", "3",
+                    "--classes", "church", "tench"], check=True, capture_output=True)
+    rows = list(csv.DictReader(open(out / "prompts.csv")))
+    assert [r["class"] for r in rows] == ["church", "tench"]
+    assert set(rows[0]) >= {"case_number", "prompt", "evaluation_seed", "class"}
+    assert sorted(os.listdir(out)) == sorted(["prompts.csv"] + [f"{c}_{k}.png" for c in (0, 1) for k in range(3)])
+
+
+# ---------------------------------------------------------------- the built models
+
+
+def test_tokenizer_keeps_every_word_whole(tiny_sd):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    for w in pictonette.vocabulary():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tok("a sketch of a church on a blue background").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 11
+
+
+def test_tiny_sd_loads_and_generates_through_plain_diffusers(tiny_sd):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.vae).__name__ == "AutoencoderKL"
+    cfg = pipe.scheduler.config
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, cfg.prediction_type) == (
+        "scaled_linear", 0.00085, 0.012, 1000, "epsilon")
+    pipe.scheduler = DDIMScheduler.from_config(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("an image of a church", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "tiny-classifier")), reason="built by data/build_tiny.py")
+def test_classifier_judges_fresh_pictonette_images():
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(os.path.join(DATA, "tiny-classifier")).eval()
+    proc = AutoImageProcessor.from_pretrained(os.path.join(DATA, "tiny-classifier"))
+    assert [model.config.id2label[i] for i in range(10)] == pictonette.CLASSES
+    data = pictonette.make(300, seed=4242)  # a seed no build stage uses
+    with torch.no_grad():
+        pred = model(**proc(list(data["images"]), return_tensors="pt")).logits.argmax(-1).numpy()
+    assert (pred == data["labels"]).mean() >= 0.97
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "tiny-clip")), reason="built by data/build_tiny.py")
+def test_tiny_clip_text_tower_is_tiny_sd_text_encoder(tiny_sd):
+    from transformers import CLIPModel, CLIPTextModel
+
+    if os.path.abspath(tiny_sd) != os.path.join(DATA, "tiny-sd"):
+        pytest.skip("compares the committed models")
+    clip = CLIPModel.from_pretrained(os.path.join(DATA, "tiny-clip"))
+    te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    for (k, v), (k2, v2) in zip(clip.text_model.state_dict().items(), te.text_model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_data_folder_is_small_and_safetensors_only():
+    weights = [f for f in glob.glob(os.path.join(DATA, "**", "*"), recursive=True) if os.path.isfile(f)]
+    assert not [f for f in weights if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    assert sum(os.path.getsize(f) for f in weights) < 30 * 2**20
+
+
+def test_build_smoke_runs_every_stage(tmp_path):
+    out = tmp_path / "smoke"
+    res = subprocess.run([sys.executable, os.path.join(DATA, "build_tiny.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for part in ["tiny-sd/model_index.json", "tiny-sd/unet/diffusion_pytorch_model.safetensors", "tiny-sd/samples.png",
+                 "tiny-clip/model.safetensors", "tiny-classifier/model.safetensors", "build_report.json"]:
+        assert (out / part).exists(), part
