@@ -46,8 +46,18 @@ IMAGENETTE = [
     "golf ball",
     "parachute",
 ]
-IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491, "church": 497,
-                  "French horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701}
+IMAGENET_INDEX = {
+    "tench": 0,
+    "English springer": 217,
+    "cassette player": 482,
+    "chain saw": 491,
+    "church": 497,
+    "French horn": 566,
+    "garbage truck": 569,
+    "gas pump": 571,
+    "golf ball": 574,
+    "parachute": 701,
+}
 
 
 class UsageError(Exception):
@@ -75,7 +85,7 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"unknown --device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
+        raise UsageError(f"unknown --device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for CUDA but none is available; use --device cpu")
     return dev
@@ -162,21 +172,28 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
     path = resolve_model_path(name)
     local = os.path.isdir(path)
     if not local and not looks_like_hub_id(path):
-        raise UsageError(f"model folder {path!r} does not exist; use --model tiny for the embedded model, or a hub id "
-                         f"such as {SD_IDS[0]}")
+        raise UsageError(
+            f"model folder {path!r} does not exist; use --model tiny for the embedded model, or a hub id "
+            f"such as {SD_IDS[0]}"
+        )
     if local:
         for part in ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
             if not os.path.exists(os.path.join(path, part)):
-                raise UsageError(f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no "
-                                 f"{part!r} (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                                 f"scheduler/)")
+                raise UsageError(
+                    f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no "
+                    f"{part!r} (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                    f"scheduler/)"
+                )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)  # transformers' name
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)  # diffusers' name
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        unet_src = dict(pretrained_model_name_or_path=unet_path) if unet_path else dict(
-            pretrained_model_name_or_path=path, subfolder="unet")
+        unet_src = (
+            dict(pretrained_model_name_or_path=unet_path)
+            if unet_path
+            else dict(pretrained_model_name_or_path=path, subfolder="unet")
+        )
         if unet_path and not os.path.isfile(os.path.join(unet_path, "config.json")):
             raise UsageError(f"UNet folder {unet_path!r} has no config.json (expected a diffusers UNet folder)")
         unet = UNet2DConditionModel.from_pretrained(**unet_src, torch_dtype=dtype)
@@ -184,16 +201,31 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
         raise
     except Exception as e:  # noqa: BLE001 -- hub/IO failures surface as many types (OSError, ValueError, ImportError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ("; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use "
-                "--model tiny for the embedded model" if not local else "")
-        raise UsageError(f"could not load model {name!r}: {first}{hint}")
+        hint = (
+            "; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use "
+            "--model tiny for the embedded model"
+            if not local
+            else ""
+        )
+        raise UsageError(f"could not load model {name!r}: {first}{hint}") from e
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = unet.config.sample_size * f
     world = "tiny" if resolution < 256 else "sd"  # the tiny world is 32x32 wherever its folder lives
-    return Model(name=name, path=path, world=world, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                 scheduler=scheduler, device=device, dtype=dtype, resolution=resolution)
+    return Model(
+        name=name,
+        path=path,
+        world=world,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        device=device,
+        dtype=dtype,
+        resolution=resolution,
+    )
 
 
 def trainable_unet(model: Model, gradient_checkpointing: bool = False) -> torch.nn.Module:
@@ -236,8 +268,13 @@ def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
     """Text-encoder states (N, L, D) for prompts, as StableDiffusionPipeline computes them; cached per prompt."""
     missing = [p for p in dict.fromkeys(prompts) if p not in model.prompt_cache]
     if missing:
-        ids = model.tokenizer(missing, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(model.device)
+        ids = model.tokenizer(
+            missing,
+            padding="max_length",
+            max_length=model.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(model.device)
         states = model.text_encoder(ids)[0]
         for p, s in zip(missing, states):
             model.prompt_cache[p] = s
@@ -269,8 +306,16 @@ def ddim_timesteps(scheduler, steps: int) -> list[int]:
     return ddim.timesteps.tolist()
 
 
-def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: int, eta: float = 0.0,
-              generator: torch.Generator | None = None, prev: torch.Tensor | None = None):
+def ddim_step(
+    scheduler,
+    eps: torch.Tensor,
+    t: int,
+    x_t: torch.Tensor,
+    steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    prev: torch.Tensor | None = None,
+):
     """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), same arithmetic as diffusers' DDIMScheduler.step.
 
     With eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws
@@ -292,7 +337,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: in
     if prev is None:
         noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device="cpu").to(x_t.device)
         prev = mean + std * noise
-    log_prob = (-((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return prev, log_prob.sum(dim=tuple(range(1, x_t.ndim)))
 
 
@@ -304,8 +349,17 @@ def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
     return torch.cat(z).to(model.device)
 
 
-def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps: int = 25, guidance: float = 7.5,
-           eta: float = 0.0, unet=None, generator=None, return_trajectory: bool = False):
+def sample(
+    model: Model,
+    cond: torch.Tensor,
+    latents: torch.Tensor,
+    steps: int = 25,
+    guidance: float = 7.5,
+    eta: float = 0.0,
+    unet=None,
+    generator=None,
+    return_trajectory: bool = False,
+):
     """DDIM sampling from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
 
     Returns x_0 latents, or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
@@ -325,8 +379,9 @@ def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps: int =
             logps.append(logp)
     if not return_trajectory:
         return x
-    return dict(latents=torch.stack(traj), log_probs=torch.stack(logps) if eta > 0 else None,
-                timesteps=torch.tensor(timesteps))
+    return dict(
+        latents=torch.stack(traj), log_probs=torch.stack(logps) if eta > 0 else None, timesteps=torch.tensor(timesteps)
+    )
 
 
 @torch.no_grad()
@@ -376,12 +431,12 @@ def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
         try:
             case = int(case)
         except ValueError:
-            raise UsageError(f"{path}: case_number {case!r} in row {i + 2} is not an integer")
+            raise UsageError(f"{path}: case_number {case!r} in row {i + 2} is not an integer") from None
         seed = r.get("evaluation_seed") or r.get("sd_seed") or (default_seed + case)
         try:
             seed = int(float(seed))
         except ValueError:
-            raise UsageError(f"{path}: evaluation_seed {seed!r} in row {i + 2} is not an integer")
+            raise UsageError(f"{path}: evaluation_seed {seed!r} in row {i + 2} is not an integer") from None
         out.append({**r, "case_number": case, "evaluation_seed": seed, "prompt": r["prompt"] or ""})
     if not out:
         raise UsageError(f"prompt file {path!r} has no rows")
@@ -437,9 +492,18 @@ def _barrier(device: torch.device) -> None:
         dist.barrier()
 
 
-def generate(model: Model, prompt_file: str, out_dir: str, n_per_prompt: int = 1, steps: int = 25,
-             guidance: float = 7.5, batch_size: int = 64, unet=None, limit: int | None = None,
-             progress: bool = True) -> str:
+def generate(
+    model: Model,
+    prompt_file: str,
+    out_dir: str,
+    n_per_prompt: int = 1,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 64,
+    unet=None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> str:
     """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`.
 
     Image k of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM, `steps` steps, guidance
@@ -455,11 +519,19 @@ def generate(model: Model, prompt_file: str, out_dir: str, n_per_prompt: int = 1
     rows = read_prompts(prompt_file)[:limit]
     rank, world = dist_info()
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(model=model.path if not is_tiny(model.path) else "tiny", unet=getattr(unet, "name_or_path", None)
-                    or (getattr(getattr(unet, "config", None), "_name_or_path", None) if unet else None),
-                    sampler="DDIM eta=0", steps=steps, guidance=guidance, n_per_prompt=n_per_prompt, batch_size=batch_size,
-                    resolution=model.resolution, seed_rule="image k of a row uses seed evaluation_seed + k",
-                    source=os.path.abspath(prompt_file))
+    settings = dict(
+        model=model.path if not is_tiny(model.path) else "tiny",
+        unet=getattr(unet, "name_or_path", None)
+        or (getattr(getattr(unet, "config", None), "_name_or_path", None) if unet else None),
+        sampler="DDIM eta=0",
+        steps=steps,
+        guidance=guidance,
+        n_per_prompt=n_per_prompt,
+        batch_size=batch_size,
+        resolution=model.resolution,
+        seed_rule="image k of a row uses seed evaluation_seed + k",
+        source=os.path.abspath(prompt_file),
+    )
     settings_path = os.path.join(out_dir, "generation.json")
     if os.path.exists(settings_path):
         old = json.load(open(settings_path))
@@ -476,13 +548,20 @@ def generate(model: Model, prompt_file: str, out_dir: str, n_per_prompt: int = 1
         return os.path.join(out_dir, f"{r['case_number']}_{k}.png")
 
     todo = [b for b in batches if not all(os.path.exists(path_of(r, k)) for r, k in b)]
-    bar = tqdm(total=sum(len(b) for b in todo), desc=f"generate{f' rank {rank}' if world > 1 else ''}",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(len(b) for b in todo), desc=f"generate{f' rank {rank}' if world > 1 else ''}", disable=not progress
+    )
     for chunk in todo:
         cond = encode_prompts(model, [r["prompt"] for r, _ in chunk])
         with torch.no_grad(), autocast(model.device, model.dtype):
-            z = sample(model, cond, initial_latents(model, [r["evaluation_seed"] + k for r, k in chunk]), steps,
-                       guidance, unet=unet)
+            z = sample(
+                model,
+                cond,
+                initial_latents(model, [r["evaluation_seed"] + k for r, k in chunk]),
+                steps,
+                guidance,
+                unet=unet,
+            )
         for (r, k), img in zip(chunk, decode(model, z)):
             if not os.path.exists(path_of(r, k)):
                 atomic_write(path_of(r, k), lambda f, img=img: Image.fromarray(img).save(f, format="PNG"), mode="wb")
@@ -520,18 +599,27 @@ def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
         rows = read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))
         forget = [r["prompt"] for r in rows if r["class"] == cls]
         retain = [r["prompt"] for r in rows if r["class"] != cls]
-        out = dict(concept=cls, kind="class", forget=forget, retain=retain, retain_classes=[c for c in IMAGENETTE
-                                                                                               if c != cls])
+        out = dict(
+            concept=cls, kind="class", forget=forget, retain=retain, retain_classes=[c for c in IMAGENETTE if c != cls]
+        )
     elif concept.lower() == "nudity":
-        out = dict(concept="nudity", kind="nudity", forget=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity.csv")),
-                   retain=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity_retain.csv")), retain_classes=[])
+        out = dict(
+            concept="nudity",
+            kind="nudity",
+            forget=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity.csv")),
+            retain=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity_retain.csv")),
+            retain_classes=[],
+        )
     else:
         if retain_file is None:
-            raise UsageError(f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
-                             f"'nudity': give its retain prompts with --retain_prompts FILE")
+            raise UsageError(
+                f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
+                f"'nudity': give its retain prompts with --retain_prompts FILE"
+            )
         templates = ["an image of {c}", "a photo of {c}", "a painting of {c}", "{c}"]
-        out = dict(concept=concept, kind="free", forget=[t.format(c=concept) for t in templates], retain=[],
-                   retain_classes=[])
+        out = dict(
+            concept=concept, kind="free", forget=[t.format(c=concept) for t in templates], retain=[], retain_classes=[]
+        )
     if retain_file is not None:
         out["retain"] = _read_prompt_column(retain_file)
     if not out["forget"] or not out["retain"]:
@@ -546,15 +634,24 @@ def versions() -> dict:
     import diffusers
     import transformers
 
-    return dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
-                transformers=transformers.__version__, numpy=np.__version__)
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+        numpy=np.__version__,
+    )
 
 
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -569,12 +666,21 @@ def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
     run = args.out_dir or os.path.join("runs", run_dir_name(method, args.concept, args.seed))
     if os.path.exists(os.path.join(run, "args.json")) and not args.resume:
         if os.path.exists(os.path.join(run, "checkpoint")) or os.path.exists(os.path.join(run, "unet")):
-            raise UsageError(f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to "
-                             f"choose another folder")
+            raise UsageError(
+                f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to "
+                f"choose another folder"
+            )
     os.makedirs(run, exist_ok=True)
-    record = dict(method=method, args={k: v for k, v in vars(args).items()}, base_model=model.path if model.world == "sd"
-                  else "tiny", world=model.world, versions=versions(), git_commit=git_commit(),
-                  command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), **(extra or {}))
+    record = dict(
+        method=method,
+        args={k: v for k, v in vars(args).items()},
+        base_model=model.path if model.world == "sd" else "tiny",
+        world=model.world,
+        versions=versions(),
+        git_commit=git_commit(),
+        command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        **(extra or {}),
+    )
     save_json(os.path.join(run, "args.json"), record)
     return run
 
@@ -582,8 +688,9 @@ def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
 def log_metrics(run: str, step: int, values: dict) -> None:
     """Append one line to metrics.jsonl (flushed and synced, so a crash loses at most the line being written)."""
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}})
-                + "\n")
+        f.write(
+            json.dumps({"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}}) + "\n"
+        )
         f.flush()
         os.fsync(f.fileno())
 
@@ -678,16 +785,26 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop with a clear message on a NaN/inf loss (the last checkpoint is kept untouched)."""
     if not torch.isfinite(loss):
-        raise UsageError(f"loss became {loss.item()} at step {step}; the run stopped and its last checkpoint is kept "
-                         f"(lower --lr, or resume from the checkpoint)")
+        raise UsageError(
+            f"loss became {loss.item()} at step {step}; the run stopped and its last checkpoint is kept "
+            f"(lower --lr, or resume from the checkpoint)"
+        )
 
 
 # ---------------------------------------------------------------- sample grid
 
 
 @torch.no_grad()
-def sample_grid(model: Model, unets: list, prompts: list[str], path: str, n: int = 4, steps: int = 25,
-                guidance: float = 7.5, seed: int = 0) -> None:
+def sample_grid(
+    model: Model,
+    unets: list,
+    prompts: list[str],
+    path: str,
+    n: int = 4,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+) -> None:
     """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds."""
     cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
     z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
@@ -696,7 +813,9 @@ def sample_grid(model: Model, unets: list, prompts: list[str], path: str, n: int
         with autocast(model.device, model.dtype):
             imgs = decode(model, sample(model, cond, z_T, steps, guidance, unet=unet))
         h = imgs.shape[1]
-        blocks.append(imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4).reshape(len(prompts) * h, n * h, 3))
+        blocks.append(
+            imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4).reshape(len(prompts) * h, n * h, 3)
+        )
         blocks.append(np.full((len(prompts) * h, max(2, h // 8), 3), 255, np.uint8))  # white separator
     grid = np.concatenate(blocks[:-1], axis=1)
     scale = max(1, 128 // grid.shape[0] * 2) if grid.shape[0] < 256 else 1

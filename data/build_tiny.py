@@ -129,8 +129,12 @@ def build_tokenizer(out: str):
             json.dump({t: i for i, t in enumerate(vocab)}, f)
         with open(os.path.join(tmp, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                            model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
+        tok = CLIPTokenizer(
+            os.path.join(tmp, "vocab.json"),
+            os.path.join(tmp, "merges.txt"),
+            model_max_length=MAX_TOKENS,
+            pad_token="<|endoftext|>",
+        )
         tok.save_pretrained(out)
     tok = CLIPTokenizer.from_pretrained(out)
     for w in words:  # every caption word must be exactly one token
@@ -148,8 +152,14 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1, norm_num_groups=32,
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=32,
+        layers_per_block=1,
+        norm_num_groups=32,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
     )
     print(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
@@ -209,14 +219,20 @@ def build_classifier(out: str, vae_dir: str, steps: int, seed: int, n_eval: int,
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     config = ResNetConfig(
-        num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
-        num_labels=len(pictonette.CLASSES), id2label=dict(enumerate(pictonette.CLASSES)),
+        num_channels=3,
+        embedding_size=32,
+        hidden_sizes=[32, 64, 128],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        num_labels=len(pictonette.CLASSES),
+        id2label=dict(enumerate(pictonette.CLASSES)),
         label2id={c: i for i, c in enumerate(pictonette.CLASSES)},
     )
     model = ResNetForImageClassification(config)
     # The processor upsamples 32 -> 64 so the ResNet stem (stride 4) keeps the icons' details.
-    processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                  resample=2)  # bilinear
+    processor = ViTImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2
+    )  # bilinear
     print(f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     data = data_pool(min(steps * batch, 50000), seed=2)
     pool, labels = to_tensor(data["images"]), torch.from_numpy(data["labels"])
@@ -265,17 +281,34 @@ def build_clip(out: str, tok_dir: str, steps: int, seed: int, n_eval: int, batch
 
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(tok_dir)
-    text_cfg = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                    num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=128)
-    vision_cfg = dict(image_size=32, patch_size=4, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                      num_attention_heads=4, projection_dim=128)
+    text_cfg = dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        projection_dim=128,
+    )
+    vision_cfg = dict(
+        image_size=32,
+        patch_size=4,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        projection_dim=128,
+    )
     model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=128))
     print(f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     data = data_pool(min(steps * batch, 60000), seed=3)
     pool = to_tensor(data["images"])
-    ids = tok(data["captions"], padding="max_length", max_length=MAX_TOKENS, truncation=True,
-              return_tensors="pt").input_ids
+    ids = tok(
+        data["captions"], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     gen = torch.Generator().manual_seed(seed)
@@ -289,8 +322,10 @@ def build_clip(out: str, tok_dir: str, steps: int, seed: int, n_eval: int, batch
         same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
         target = same / same.sum(1, keepdim=True)
         logits = outputs.logits_per_image
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        loss = 0.5 * (
+            torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -299,8 +334,13 @@ def build_clip(out: str, tok_dir: str, steps: int, seed: int, n_eval: int, batch
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
     model.eval()
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                           image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+            do_convert_rgb=True,
+        ),
         tokenizer=tok,
     )
     model.save_pretrained(out, safe_serialization=True)
@@ -326,14 +366,21 @@ def unet_config():
     return dict(
         # 8x8 -> 4x4 with attention at 4x4 and in the middle block: 4.0M parameters, about 0.5 s per training step
         # at batch 64 on 2 CPU cores; attention at 8x8 would cost 1.6x the time for little gain on 32x32 icons.
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
 
 
 def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, seed: int, batch: int = 64):
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -345,10 +392,19 @@ def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, 
     text_encoder.eval().requires_grad_(False)
     # SD v1.4's schedule; from_config keeps SD's DDIM/PNDM keys (set_alpha_to_one, skip_prk_steps) in the config so
     # that DDIMScheduler.from_config(pipe.scheduler.config) behaves as it does on SD.
-    scheduler = DDPMScheduler.from_config(dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
-    ))
+    scheduler = DDPMScheduler.from_config(
+        dict(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            skip_prk_steps=True,
+        )
+    )
     unet = UNet2DConditionModel(**unet_config())
     print(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -368,8 +424,13 @@ def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, 
         cap_idx = torch.tensor([index[c] for c in data["captions"]])
         states = []
         for i in range(0, len(captions), 1000):
-            ids = tok(captions[i : i + 1000], padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                captions[i : i + 1000],
+                padding="max_length",
+                max_length=MAX_TOKENS,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             states.append(text_encoder(ids)[0])
         states = torch.cat(states)  # (n_captions, 16, 128)
     empty = index[""]
@@ -395,9 +456,16 @@ def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, 
         ema_update(ema, unet, decay=min(0.999, (1 + step) / (10 + step)))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=ema.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=ema.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out, safe_serialization=True)
     print(f"unet: saved the pipeline to {out}")
     return {}
@@ -411,8 +479,15 @@ def style_and_background(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
     The background is the median colour of the 2-pixel border; a sketch covers few pixels, a filled icon many.
     """
-    border = np.concatenate([images[:, :2].reshape(len(images), -1, 3), images[:, -2:].reshape(len(images), -1, 3),
-                             images[:, :, :2].reshape(len(images), -1, 3), images[:, :, -2:].reshape(len(images), -1, 3)], 1)
+    border = np.concatenate(
+        [
+            images[:, :2].reshape(len(images), -1, 3),
+            images[:, -2:].reshape(len(images), -1, 3),
+            images[:, :, :2].reshape(len(images), -1, 3),
+            images[:, :, -2:].reshape(len(images), -1, 3),
+        ],
+        1,
+    )
     bg = np.median(border.astype(float), axis=1)  # (N, 3)
     coverage = (np.linalg.norm(images.astype(float) - bg[:, None, None], axis=-1) > 60).mean((1, 2))
     names = list(pictonette.COLORS)
@@ -425,8 +500,15 @@ def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
-        res = pipe(prompts[i : i + batch], num_inference_steps=25, guidance_scale=7.5, generator=gens,
-                   height=32, width=32, output_type="np")
+        res = pipe(
+            prompts[i : i + batch],
+            num_inference_steps=25,
+            guidance_scale=7.5,
+            generator=gens,
+            height=32,
+            width=32,
+            output_type="np",
+        )
         out.append((res.images * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -477,8 +559,9 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     figures["plain_prompt_outline_rate"] = float((cov_plain <= thr).mean())
     rates = {}
     for colour in ["red", "blue", "green", "yellow"]:
-        bg_images = sample_pipeline(pipe, [f"a {c} on a {colour} background" for c in classes for _ in range(n_style)],
-                                    sk_seeds)
+        bg_images = sample_pipeline(
+            pipe, [f"a {c} on a {colour} background" for c in classes for _ in range(n_style)], sk_seeds
+        )
         rates[colour] = float(np.mean([b == colour for b in style_and_background(bg_images)[1]]))
     figures["background_rate"] = rates
     figures["background_rate_mean"] = float(np.mean(list(rates.values())))
@@ -488,7 +571,8 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     grid = images.reshape(len(classes), n_per_class, 32, 32, 3)[:, :cols]
     grid = grid.transpose(0, 2, 1, 3, 4).reshape(len(classes) * 32, cols * 32, 3)
     Image.fromarray(grid).resize((cols * 32 * 3, len(classes) * 32 * 3), Image.Resampling.NEAREST).save(
-        os.path.join(out, "tiny-sd", "samples.png"))
+        os.path.join(out, "tiny-sd", "samples.png")
+    )
 
     # Speed: one UNet forward at batch 64.
     torch.set_grad_enabled(False)
@@ -512,8 +596,12 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default: data/, or a temporary folder with --smoke)")
-    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False,
-                   help="run every stage for a few iterations into a temporary folder")
+    p.add_argument(
+        "--smoke",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run every stage for a few iterations into a temporary folder",
+    )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="stages to run (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps (batch 64)")

@@ -108,7 +108,10 @@ def icon_springer():
     snout = ("poly", [(-0.72, -0.4), (-0.98, -0.3), (-0.95, -0.18), (-0.65, -0.2)], 1)
     neck = ("poly", [(-0.5, -0.2), (-0.25, -0.12), (-0.25, 0.15), (-0.5, -0.05)], 1)
     ear = ("poly", ellipse(-0.42, -0.18, 0.1, 0.24, n=16), 0)
-    legs = [("line", [(x, 0.2), (x + dx, 0.85)], 0.13, 1) for x, dx in [(-0.3, -0.05), (-0.1, 0.02), (0.4, -0.02), (0.55, 0.06)]]
+    legs = [
+        ("line", [(x, 0.2), (x + dx, 0.85)], 0.13, 1)
+        for x, dx in [(-0.3, -0.05), (-0.1, 0.02), (0.4, -0.02), (0.55, 0.06)]
+    ]
     tail = ("line", [(0.62, -0.05), (0.85, -0.3), (0.95, -0.35)], 0.09, 1)
     eye = ("poly", ellipse(-0.62, -0.42, 0.05, 0.05, n=10), 0)
     return [body, head, snout, neck, ear, *legs, tail, eye]
@@ -178,11 +181,7 @@ def icon_gas_pump():
 
 def icon_golf_ball():
     ball = ("poly", ellipse(0.0, -0.2, 0.62, 0.62, n=32), 1)
-    dimples = [
-        ("poly", ellipse(x, y, 0.07, 0.07, n=8), 0)
-        for x in (-0.3, 0.0, 0.3)
-        for y in (-0.5, -0.2, 0.1)
-    ]
+    dimples = [("poly", ellipse(x, y, 0.07, 0.07, n=8), 0) for x in (-0.3, 0.0, 0.3) for y in (-0.5, -0.2, 0.1)]
     tee = ("poly", [(-0.3, 0.42), (0.3, 0.42), (0.06, 0.55), (0.06, 0.95), (-0.06, 0.95), (-0.06, 0.55)], 1)
     return [ball, *dimples, tee]
 
@@ -275,8 +274,19 @@ def sample_params(rng: np.random.Generator, label=None, style=None, background=N
     templates = FILLED_TEMPLATES if style == "filled" else SKETCH_TEMPLATES
     template = templates[int(rng.integers(len(templates)))]
     jitter = rng.normal(0, 12, size=(2, 3))
-    return dict(label=label, style=style, bg=bg, obj=obj, scale=scale, angle=angle, dx=dx, dy=dy, flip=flip,
-                template=template, jitter=jitter)
+    return dict(
+        label=label,
+        style=style,
+        bg=bg,
+        obj=obj,
+        scale=scale,
+        angle=angle,
+        dx=dx,
+        dy=dy,
+        flip=flip,
+        template=template,
+        jitter=jitter,
+    )
 
 
 def render(p: dict) -> np.ndarray:
@@ -318,8 +328,9 @@ def make(n: int, seed: int, classes=None, style=None, background=None) -> dict:
         styles.append(p["style"])
         captions.append(caption(p))
         backgrounds.append(p["bg"])
-    return dict(images=images, labels=np.array(labels, np.int64), styles=styles, captions=captions,
-                backgrounds=backgrounds)
+    return dict(
+        images=images, labels=np.array(labels, np.int64), styles=styles, captions=captions, backgrounds=backgrounds
+    )
 
 
 def class_index(c) -> int:
@@ -354,8 +365,14 @@ def write_folder(out_dir: str, n_per_class: int, seed: int, classes=None, style=
         data = make(n_per_class, seed=seed * 1000 + label, classes=[label], style=style)
         for k in range(n_per_class):
             Image.fromarray(data["images"][k]).save(os.path.join(out_dir, f"{case_number}_{k}.png"))
-        rows.append(dict(case_number=case_number, prompt=f"an image of a {CLASSES[label]}",
-                         evaluation_seed=seed * 1000 + label, **{"class": CLASSES[label]}))
+        rows.append(
+            dict(
+                case_number=case_number,
+                prompt=f"an image of a {CLASSES[label]}",
+                evaluation_seed=seed * 1000 + label,
+                **{"class": CLASSES[label]},
+            )
+        )
     tmp = os.path.join(out_dir, "prompts.csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case_number", "prompt", "evaluation_seed", "class"])

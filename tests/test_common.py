@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import common
 from conftest import ROOT
 
+import common
 
 # ---------------------------------------------------------------- loading
 
@@ -60,13 +59,26 @@ def test_sampler_equals_stable_diffusion_pipeline(tiny_sd, tiny_model):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     prompts, seeds = ["an image of a church", "a photo of a tench", "a sketch of a golf ball"], [3, 4, 5]
-    ours = common.decode(tiny_model, common.sample(tiny_model, common.encode_prompts(tiny_model, prompts),
-                                                   common.initial_latents(tiny_model, seeds), steps=10, guidance=7.5))
+    ours = common.decode(
+        tiny_model,
+        common.sample(
+            tiny_model,
+            common.encode_prompts(tiny_model, prompts),
+            common.initial_latents(tiny_model, seeds),
+            steps=10,
+            guidance=7.5,
+        ),
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts, num_inference_steps=10, guidance_scale=7.5, output_type="np",
-               generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    ref = pipe(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    ).images
     assert np.array_equal(ours, (ref * 255).round().astype(np.uint8))
 
 
@@ -95,8 +107,15 @@ def test_ddim_step_matches_diffusers_and_its_log_prob_is_the_gaussian_density(ti
 
 def test_trajectory_and_x0(tiny_model):
     cond = common.encode_prompts(tiny_model, ["an image of a church"] * 2)
-    out = common.sample(tiny_model, cond, common.initial_latents(tiny_model, [0, 1]), steps=4, eta=1.0,
-                        generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    out = common.sample(
+        tiny_model,
+        cond,
+        common.initial_latents(tiny_model, [0, 1]),
+        steps=4,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+    )
     assert out["latents"].shape == (5, 2, 4, 8, 8) and out["log_probs"].shape == (4, 2)
     assert out["timesteps"].tolist() == common.ddim_timesteps(tiny_model.scheduler, 4)
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -144,25 +163,36 @@ def _pngs(folder):
 
 def test_generate_two_torchrun_processes_write_the_same_files_and_resume(tiny_sd, tmp_path):
     prompts = tmp_path / "p.csv"
-    prompts.write_text("case_number,prompt,evaluation_seed,class\n" + "".join(
-        f"{i},an image of a {c},{100 + i},{c}\n" for i, c in enumerate(["church", "tench", "golf ball", "parachute"])))
+    prompts.write_text(
+        "case_number,prompt,evaluation_seed,class\n"
+        + "".join(
+            f"{i},an image of a {c},{100 + i},{c}\n"
+            for i, c in enumerate(["church", "tench", "golf ball", "parachute"])
+        )
+    )
     script = tmp_path / "gen.py"
     script.write_text(GEN_SCRIPT.format(root=ROOT))
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), tiny_sd, str(prompts), str(one)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), tiny_sd, str(prompts), str(one)], check=True, env=env, capture_output=True
+    )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), tiny_sd, str(prompts), str(two)], env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", str(script), tiny_sd, str(prompts), str(two)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = _pngs(one), _pngs(two)
     assert len(a) == 12 and a == b
     # a resumed run (some files lost, e.g. killed mid-way) completes to the same bytes
     for f in ["1_2.png", "3_0.png", "3_1.png"]:
         os.remove(two / f)
-    subprocess.run([sys.executable, str(script), tiny_sd, str(prompts), str(two)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), tiny_sd, str(prompts), str(two)], check=True, env=env, capture_output=True
+    )
     assert _pngs(two) == a
     rows = open(one / "prompts.csv").read().splitlines()
     assert rows[0] == "case_number,prompt,evaluation_seed,class" and len(rows) == 5
@@ -170,8 +200,9 @@ def test_generate_two_torchrun_processes_write_the_same_files_and_resume(tiny_sd
 
 def test_generate_resumes_after_a_crash_and_refuses_mixed_settings(tiny_model, tmp_path, monkeypatch):
     prompts = os.path.join(ROOT, "data", "prompts", "imagenette.csv")
-    full = common.generate(tiny_model, prompts, str(tmp_path / "full"), n_per_prompt=1, steps=2, batch_size=4,
-                           limit=6, progress=False)
+    full = common.generate(
+        tiny_model, prompts, str(tmp_path / "full"), n_per_prompt=1, steps=2, batch_size=4, limit=6, progress=False
+    )
     real_decode, calls = common.decode, []
 
     def crashing_decode(model, z):
@@ -182,12 +213,14 @@ def test_generate_resumes_after_a_crash_and_refuses_mixed_settings(tiny_model, t
 
     monkeypatch.setattr(common, "decode", crashing_decode)
     with pytest.raises(KeyboardInterrupt):
-        common.generate(tiny_model, prompts, str(tmp_path / "crash"), n_per_prompt=1, steps=2, batch_size=4,
-                        limit=6, progress=False)
+        common.generate(
+            tiny_model, prompts, str(tmp_path / "crash"), n_per_prompt=1, steps=2, batch_size=4, limit=6, progress=False
+        )
     assert len(_pngs(tmp_path / "crash")) == 4 and not [f for f in os.listdir(tmp_path / "crash") if "tmp" in f]
     monkeypatch.setattr(common, "decode", real_decode)
-    common.generate(tiny_model, prompts, str(tmp_path / "crash"), n_per_prompt=1, steps=2, batch_size=4, limit=6,
-                    progress=False)
+    common.generate(
+        tiny_model, prompts, str(tmp_path / "crash"), n_per_prompt=1, steps=2, batch_size=4, limit=6, progress=False
+    )
     assert _pngs(tmp_path / "crash") == _pngs(full)
     with pytest.raises(common.UsageError, match="other settings.*steps"):
         common.generate(tiny_model, prompts, full, n_per_prompt=1, steps=3, batch_size=4, limit=6, progress=False)
@@ -198,11 +231,16 @@ def test_prompt_files(tmp_path):
     assert [r["class"] for r in rows] == common.IMAGENETTE and all(isinstance(r["evaluation_seed"], int) for r in rows)
     i2p = tmp_path / "i2p.csv"  # I2P's variant: sd_seed instead of evaluation_seed, extra columns kept
     i2p.write_text("prompt,categories,sd_seed,case_number\na nude,sexual,42,7\n")
-    assert common.read_prompts(str(i2p))[0].items() >= {"evaluation_seed": 42, "case_number": 7, "categories": "sexual"}.items()
+    assert (
+        common.read_prompts(str(i2p))[0].items()
+        >= {"evaluation_seed": 42, "case_number": 7, "categories": "sexual"}.items()
+    )
     coco = tmp_path / "coco.csv"  # COCO captions: no case_number, no seed
     coco.write_text("caption\na dog\na cat\n")
     assert [(r["case_number"], r["evaluation_seed"]) for r in common.read_prompts(str(coco), default_seed=5)] == [
-        (0, 5), (1, 6)]
+        (0, 5),
+        (1, 6),
+    ]
     bad = tmp_path / "bad.csv"
     bad.write_text("case_number,text_prompt\n0,x\n")
     with pytest.raises(common.UsageError, match="no 'prompt' column"):
@@ -282,8 +320,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 def test_sample_grid(tiny_model, tmp_path):
     from PIL import Image
 
-    common.sample_grid(tiny_model, [tiny_model.unet, tiny_model.unet], ["church", "tench"], str(tmp_path / "g.png"),
-                       n=2, steps=2)
+    common.sample_grid(
+        tiny_model, [tiny_model.unet, tiny_model.unet], ["church", "tench"], str(tmp_path / "g.png"), n=2, steps=2
+    )
     img = np.asarray(Image.open(tmp_path / "g.png"))
     half = img.shape[1] // 2
     assert img.shape[0] > 0 and np.array_equal(img[:, : half - 4], img[:, -(half - 4) :])  # same UNet, same images

@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pictonette
 import pytest
 import torch
-
-import pictonette
 from conftest import ROOT
 
 DATA = os.path.join(ROOT, "data")
@@ -66,8 +65,20 @@ def test_bad_arguments_are_named():
 
 def test_cli_writes_an_image_folder(tmp_path):
     out = tmp_path / "real"
-    subprocess.run([sys.executable, os.path.join(DATA, "pictonette.py"), str(out), "--n_per_class", "3",
-                    "--classes", "church", "tench"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(DATA, "pictonette.py"),
+            str(out),
+            "--n_per_class",
+            "3",
+            "--classes",
+            "church",
+            "tench",
+        ],
+        check=True,
+        capture_output=True,
+    )
     rows = list(csv.DictReader(open(out / "prompts.csv")))
     assert [r["class"] for r in rows] == ["church", "tench"]
     assert set(rows[0]) >= {"case_number", "prompt", "evaluation_seed", "class"}
@@ -94,7 +105,12 @@ def test_tiny_sd_loads_and_generates_through_plain_diffusers(tiny_sd):
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.vae).__name__ == "AutoencoderKL"
     cfg = pipe.scheduler.config
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, cfg.prediction_type) == (
-        "scaled_linear", 0.00085, 0.012, 1000, "epsilon")
+        "scaled_linear",
+        0.00085,
+        0.012,
+        1000,
+        "epsilon",
+    )
     pipe.scheduler = DDIMScheduler.from_config(cfg)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("an image of a church", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
@@ -134,9 +150,19 @@ def test_data_folder_is_small_and_safetensors_only():
 
 def test_build_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "smoke"
-    res = subprocess.run([sys.executable, os.path.join(DATA, "build_tiny.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, os.path.join(DATA, "build_tiny.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    for part in ["tiny-sd/model_index.json", "tiny-sd/unet/diffusion_pytorch_model.safetensors", "tiny-sd/samples.png",
-                 "tiny-clip/model.safetensors", "tiny-classifier/model.safetensors", "build_report.json"]:
+    for part in [
+        "tiny-sd/model_index.json",
+        "tiny-sd/unet/diffusion_pytorch_model.safetensors",
+        "tiny-sd/samples.png",
+        "tiny-clip/model.safetensors",
+        "tiny-classifier/model.safetensors",
+        "build_report.json",
+    ]:
         assert (out / part).exists(), part
