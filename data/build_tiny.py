@@ -12,6 +12,10 @@ Stages, in order (each one saves its result before the next starts; `--stages` r
   clip        CLIPModel (text + vision) trained contrastively; its text tower becomes tiny-sd's text encoder
   unet        UNet2DConditionModel on frozen text-encoder states, SD v1.4's noise schedule, 10% empty prompts,
               EMA weights; saved with the rest as a StableDiffusionPipeline folder
+  clip_vision CLIP's vision tower trained further against the frozen text tower (which stays tiny-sd's text encoder),
+              with positives = every (image, caption) pair whose image shows what the caption states; the `clip`
+              stage's targets (equal captions only) treat "church" and "a photo of a church" as negatives, which no
+              image can tell apart, and align images and text poorly
   report      the quality figures: judge accuracy, per-class accuracy of generated images, style/background
               rates, UNet speed, sample grid (data/tiny-sd/samples.png), written to <out>/build_report.json
 
@@ -38,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pictonette  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ["tokenizer", "vae", "classifier", "clip", "unet", "report"]
+STAGES = ["tokenizer", "vae", "classifier", "clip", "unet", "clip_vision", "report"]
 MAX_TOKENS = 16  # longest caption is 13 tokens with the start/end tokens
 
 
@@ -359,6 +363,68 @@ def clip_zero_shot_accuracy(model, tok, held) -> float:
     return pred.eq(torch.from_numpy(held["labels"])).float().mean().item()
 
 
+def build_clip_vision(clip_dir: str, steps: int, seed: int, n_eval: int, batch: int = 256):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(clip_dir)
+    model = CLIPModel.from_pretrained(clip_dir)
+    # The text tower (text_model) is tiny-sd's text encoder: frozen, so it stays byte-identical. The text projection
+    # is not part of SD's CLIPTextModel, so it trains with the vision tower.
+    model.text_model.requires_grad_(False)
+    data = data_pool(min(steps * batch, 60000), seed=5)
+    pool = to_tensor(data["images"])
+    captions = sorted(set(data["captions"]))
+    cap_idx = torch.tensor([captions.index(c) for c in data["captions"]])
+    with torch.no_grad():  # the text tower is frozen: its pooled states are computed once per caption
+        ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        pooled = model.text_model(**ids).pooler_output  # (n_captions, 128)
+    # What each caption states and what each image shows, as integer codes (-1: the caption states nothing).
+    colours = list(pictonette.COLORS)
+    cons = [pictonette.caption_constraints(c) for c in captions]
+    c_label, c_bg, c_obj, c_sketch = torch.tensor(
+        [[c[0], colours.index(c[1]) if c[1] else -1, colours.index(c[2]) if c[2] else -1, c[3]] for c in cons]
+    ).T
+    i_label = torch.from_numpy(data["labels"])
+    i_bg = torch.tensor([colours.index(b) for b in data["backgrounds"]])
+    i_obj = torch.tensor([colours.index(o) for o in data["objects"]])
+    i_sketch = torch.tensor([s == "sketch" for s in data["styles"]])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup=20))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="clip_vision")):
+        idx = torch.randint(len(pool), (batch,), generator=gen)
+        x = blur(pool[idx], torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.3))
+        img = F.normalize(model.get_image_features(pixel_values=x), dim=-1)
+        t = F.normalize(model.text_projection(pooled[cap_idx[idx]]), dim=-1)
+        # target[i, j] = 1 when image i shows everything caption j states (caption i always matches image i)
+        cj = cap_idx[idx]
+        match = (
+            (i_label[idx, None] == c_label[None, cj])
+            & ((c_bg[None, cj] < 0) | (i_bg[idx, None] == c_bg[None, cj]))
+            & ((c_obj[None, cj] < 0) | (i_obj[idx, None] == c_obj[None, cj]))
+            & ((c_sketch[None, cj] == 0) | i_sketch[idx, None])
+        ).float()
+        logits = model.logit_scale.exp() * img @ t.T
+        loss = 0.5 * (
+            torch.sum(-(match / match.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-(match.T / match.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(clip_dir, safe_serialization=True)
+    acc = clip_zero_shot_accuracy(model, tok, pictonette.make(n_eval, seed=1003))
+    print(f"clip_vision: zero-shot top-1 ('an image of a {{class}}') on held-out images {acc:.4f}")
+    return dict(clip_zero_shot_acc=acc)
+
+
 # ---------------------------------------------------------------- UNet and the pipeline folder
 
 
@@ -606,19 +672,28 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps (batch 64)")
     p.add_argument("--classifier_steps", type=int, default=600, help="classifier training steps (batch 128)")
-    p.add_argument("--clip_steps", type=int, default=800, help="CLIP training steps (batch 256)")
+    p.add_argument("--clip_steps", type=int, default=400, help="CLIP training steps (batch 256)")
     p.add_argument("--unet_steps", type=int, default=4000, help="UNet training steps (batch 64)")
+    p.add_argument("--clip_vision_steps", type=int, default=400, help="CLIP vision-tower steps (batch 256)")
     p.add_argument("--n_eval", type=int, default=1000, help="held-out real images for the judge/VAE/CLIP figures")
     p.add_argument("--report_per_class", type=int, default=50, help="generated images per class in the report")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.vae_steps, args.classifier_steps, args.clip_steps, args.unet_steps = 3, 3, 3, 3
+        args.vae_steps, args.classifier_steps, args.clip_steps, args.unet_steps, args.clip_vision_steps = 3, 3, 3, 3, 3
         args.report_per_class, args.n_eval = 2, 20
         if args.out is None:
             args.out = tempfile.mkdtemp(prefix="tiny_smoke_")
     args.out = args.out or HERE
-    for name in ["vae_steps", "classifier_steps", "clip_steps", "unet_steps", "report_per_class", "n_eval"]:
+    for name in [
+        "vae_steps",
+        "classifier_steps",
+        "clip_steps",
+        "unet_steps",
+        "clip_vision_steps",
+        "report_per_class",
+        "n_eval",
+    ]:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
@@ -648,6 +723,8 @@ def main(args):
             figures.update(build_clip(clip_dir, tok_dir, args.clip_steps, args.seed, args.n_eval))
         elif stage == "unet":
             build_unet(os.path.join(out, "tiny-sd"), tok_dir, vae_dir, clip_dir, args.unet_steps, args.seed)
+        elif stage == "clip_vision":
+            figures.update(build_clip_vision(clip_dir, args.clip_vision_steps, args.seed, args.n_eval))
         elif stage == "report":
             figures = report(out, args.report_per_class, figures)
         timings[stage] = round(time.time() - t0, 1)

@@ -304,7 +304,8 @@ def caption(p: dict) -> str:
 
 
 def make(n: int, seed: int, classes=None, style=None, background=None) -> dict:
-    """n samples for `seed`: images (n, 32, 32, 3) uint8, labels (n,) int64, styles, captions, backgrounds.
+    """n samples for `seed`: images (n, 32, 32, 3) uint8, labels (n,) int64, styles, captions, backgrounds, objects
+    (the object colour names)
 
     classes: optional list of class indices or names to draw from (round-robin: sample i is classes[i % k]);
     style: force "filled" or "sketch"; background: force a colour name.
@@ -318,7 +319,7 @@ def make(n: int, seed: int, classes=None, style=None, background=None) -> dict:
     if classes is not None:
         classes = [class_index(c) for c in classes]
     images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
-    labels, styles, captions, backgrounds = [], [], [], []
+    labels, styles, captions, backgrounds, objects = [], [], [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         label = None if classes is None else classes[i % len(classes)]
@@ -328,8 +329,32 @@ def make(n: int, seed: int, classes=None, style=None, background=None) -> dict:
         styles.append(p["style"])
         captions.append(caption(p))
         backgrounds.append(p["bg"])
+        objects.append(p["obj"])
     return dict(
-        images=images, labels=np.array(labels, np.int64), styles=styles, captions=captions, backgrounds=backgrounds
+        images=images,
+        labels=np.array(labels, np.int64),
+        styles=styles,
+        captions=captions,
+        backgrounds=backgrounds,
+        objects=objects,
+    )
+
+
+def caption_constraints(caption: str) -> tuple:
+    """What a caption states about its image: (class index, background or None, object colour or None, is_sketch).
+    Captions never state the template's wording ("photo", "picture"), which no image shows."""
+    words = caption.lower()
+    label = next(i for i in range(len(CLASSES) - 1, -1, -1) if CLASSES[i].lower() in words)
+    bg = next((c for c in COLORS if f"on a {c} background" in words), None)
+    obj = next((c for c in COLORS if words.startswith((f"a {c} ", f"an {c} "))), None)
+    return label, bg, obj, any(w in words for w in ("sketch", "drawing", "outline"))
+
+
+def caption_matches(caption: str, label: int, style: str, background: str, obj: str) -> bool:
+    """Whether an image with these attributes shows everything the caption states."""
+    c_label, c_bg, c_obj, c_sketch = caption_constraints(caption)
+    return (
+        c_label == label and c_bg in (None, background) and c_obj in (None, obj) and (not c_sketch or style == "sketch")
     )
 
 
