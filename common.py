@@ -134,6 +134,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     resolution: int  # image side in pixels (32 tiny, 512 SD)
+    unet_path: str | None = None  # the trained UNet folder loaded instead of the model's own, if any
     prompt_cache: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -225,6 +226,7 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
         device=device,
         dtype=dtype,
         resolution=resolution,
+        unet_path=unet_path,
     )
 
 
@@ -521,8 +523,7 @@ def generate(
     os.makedirs(out_dir, exist_ok=True)
     settings = dict(
         model=model.path if not is_tiny(model.path) else "tiny",
-        unet=getattr(unet, "name_or_path", None)
-        or (getattr(getattr(unet, "config", None), "_name_or_path", None) if unet else None),
+        unet="an in-memory UNet passed to generate()" if unet is not None else model.unet_path,
         sampler="DDIM eta=0",
         steps=steps,
         guidance=guidance,
