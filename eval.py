@@ -579,8 +579,11 @@ def main(args):
             raise UsageError(f"--reference: {e}") from None
     jobs = [plan(path, args, reference) for path in args.paths]  # every check before any slow work
     cache = {}  # models and reference features, loaded or computed once for all PATHs
+    rank = common.dist_info()[0]  # under torchrun every process generates its share; process 0 scores
     for job in jobs:
         scan = job["scan"] or generate_run_images(job, args, device)
+        if rank != 0:
+            continue
         metrics = score(job, scan, args, device, cache)
         common.save_json(os.path.join(job["path"], "metrics.json"), metrics)
         print_table(metrics)
