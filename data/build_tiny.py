@@ -88,6 +88,23 @@ def cosine_lr(step: int, total: int, warmup: int = 100) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def contrastive_loss(logits: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE: logits (N, N) image x text, match[i, j] = 1 for every positive pair."""
+    i2t = torch.sum(-(match / match.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+    t2i = torch.sum(-(match.T / match.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+def train_step(opt, sched, loss: torch.Tensor, clip_params=None) -> None:
+    """One optimiser step (with gradient-norm clipping at 1 when `clip_params` are given) and one schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -177,11 +194,7 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
         rec = vae.decode(post.sample(generator=gen)).sample
         kl = post.kl().mean() / (4 * 8 * 8)
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(opt, sched, loss, clip_params=vae.parameters())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
     vae.eval()
@@ -249,10 +262,7 @@ def build_classifier(out: str, vae_dir: str, steps: int, seed: int, n_eval: int,
         x = classifier_augment(pool[idx], vae, gen)
         x = F.interpolate(x, size=64, mode="bilinear", align_corners=False)
         loss = F.cross_entropy(model(pixel_values=x).logits, labels[idx], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        train_step(opt, sched, loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -324,16 +334,8 @@ def build_clip(out: str, tok_dir: str, steps: int, seed: int, n_eval: int, batch
         outputs = model(input_ids=ids[idx], pixel_values=x)
         # Several images share a caption: every pair with equal captions is a positive (multi-positive InfoNCE).
         same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
-        target = same / same.sum(1, keepdim=True)
-        logits = outputs.logits_per_image
-        loss = 0.5 * (
-            torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = contrastive_loss(outputs.logits_per_image, same)
+        train_step(opt, sched, loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
     model.eval()
@@ -407,15 +409,8 @@ def build_clip_vision(clip_dir: str, steps: int, seed: int, n_eval: int, batch: 
             & ((c_obj[None, cj] < 0) | (i_obj[idx, None] == c_obj[None, cj]))
             & ((c_sketch[None, cj] == 0) | i_sketch[idx, None])
         ).float()
-        logits = model.logit_scale.exp() * img @ t.T
-        loss = 0.5 * (
-            torch.sum(-(match / match.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
-            + torch.sum(-(match.T / match.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean()
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = contrastive_loss(model.logit_scale.exp() * img @ t.T, match)
+        train_step(opt, sched, loss)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -514,11 +509,7 @@ def build_unet(out: str, tok_dir: str, vae_dir: str, clip_dir: str, steps: int, 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         zt = scheduler.add_noise(z0, noise, t)
         loss = F.mse_loss(unet(zt, t, states[cond]).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(opt, sched, loss, clip_params=unet.parameters())
         ema_update(ema, unet, decay=min(0.999, (1 + step) / (10 + step)))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -166,3 +166,35 @@ def test_build_smoke_runs_every_stage(tmp_path):
         "build_report.json",
     ]:
         assert (out / part).exists(), part
+
+
+def test_contrastive_loss_is_clips_loss_for_one_positive_and_averages_positives():
+    import build_tiny
+    import torch.nn.functional as F
+
+    logits = torch.randn(6, 6)
+    one = build_tiny.contrastive_loss(logits, torch.eye(6))
+    clip = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6)))
+    assert torch.allclose(one, clip)
+    match = torch.eye(6)
+    match[0, 1] = match[1, 0] = 1  # images 0 and 1 both match captions 0 and 1
+    i2t, t2i = F.log_softmax(logits, 1), F.log_softmax(logits.T, 1)
+    rows = [-(i2t[0, 0] + i2t[0, 1]) / 2, -(i2t[1, 0] + i2t[1, 1]) / 2] + [-i2t[k, k] for k in range(2, 6)]
+    cols = [-(t2i[0, 0] + t2i[0, 1]) / 2, -(t2i[1, 0] + t2i[1, 1]) / 2] + [-t2i[k, k] for k in range(2, 6)]
+    expected = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
+    assert torch.allclose(build_tiny.contrastive_loss(logits, match), expected)
+
+
+def test_caption_constraints():
+    caption = "a sketch of a English springer on a red background"
+    assert pictonette.caption_constraints(caption) == (1, "red", None, True)
+    assert pictonette.caption_constraints("an orange church") == (4, None, "orange", False)
+    assert pictonette.caption_matches("a photo of a church", 4, "sketch", "blue", "white")  # wording is not shown
+    assert not pictonette.caption_matches("a sketch of a church", 4, "filled", "blue", "white")
+    data = pictonette.make(200, seed=9)  # every caption matches its own image
+    assert all(
+        pictonette.caption_matches(c, lb, s, b, o)
+        for c, lb, s, b, o in zip(
+            data["captions"], data["labels"], data["styles"], data["backgrounds"], data["objects"]
+        )
+    )
