@@ -1,4 +1,4 @@
-"""Shared test setup: offline, CPU, the repository importable, small thread count for a stable 2-core machine."""
+"""Shared test setup: offline (HF_HUB_OFFLINE=1), CPU, the repository and data/ importable, the tiny-sd fixtures."""
 
 import os
 import sys
