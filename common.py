@@ -12,6 +12,7 @@ Nothing here holds a method's idea (a loss, a schedule, a critic): those live in
   the trained UNet in diffusers format, ESD's parameter selector, concept -> prompts, a before/after sample grid.
 """
 
+import argparse
 import copy
 import csv
 import dataclasses
@@ -23,6 +24,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -62,6 +64,13 @@ IMAGENET_INDEX = {
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, without a traceback, by `cli`."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: ...`, exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def cli(main, args) -> None:
@@ -781,6 +790,62 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
         lines = [ln for ln in open(metrics) if ln.strip() and json.loads(ln)["step"] <= meta["step"]]
         atomic_write(metrics, lambda f: f.writelines(lines))
     return dict(step=meta["step"], extra=meta["extra"])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so that wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unet_pass_seconds(model: Model, passes: list, repeats: int = 3) -> float:
+    """Wall time of the UNet calls one training step makes, alone: the denominator of a step's efficiency.
+
+    passes: [(unet, batch, backward), ...]; a pass with backward=True is a forward and a backward through a trained
+    (fp32, autocast) UNet, the others a no-grad forward of a frozen one. Inputs are random tensors of the model's
+    latent and text-state shapes. Gradients it leaves on trained parameters are cleared. Time per step divided by
+    this is the step's overhead factor (1.0 = nothing but UNet passes).
+    """
+    length, width = model.tokenizer.model_max_length, model.text_encoder.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    inputs = [
+        (
+            torch.randn(n, *model.latent_shape, generator=gen).to(model.device),
+            torch.randint(0, model.scheduler.config.num_train_timesteps, (n,), generator=gen).to(model.device),
+            torch.randn(n, length, width, generator=gen).to(model.device),
+        )
+        for _, n, _ in passes
+    ]
+
+    def run():
+        for (unet, _, backward), (x, t, c) in zip(passes, inputs):
+            dtype = next(unet.parameters()).dtype
+            with autocast(model.device, model.dtype), torch.set_grad_enabled(backward):
+                out = unet(x.to(dtype), t, c.to(dtype)).sample
+            if backward:
+                out.float().square().mean().backward()
+        sync(model.device)
+
+    run()  # warm-up (allocations, kernel selection)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    seconds = (time.perf_counter() - t0) / repeats
+    for unet, _, backward in passes:
+        if backward:
+            for p in unet.parameters():
+                p.grad = None
+    return seconds
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on a GPU, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -1,0 +1,492 @@
+"""f-divergence unlearning (f-DMU), with ESD as a special case.
+
+Paper: "A Unified Framework for Diffusion Model Unlearning with f-Divergence", Novello et al., arXiv 2509.21167
+(ICML 2026); official code nicolaNovello/f-DMU (read, not copied). Built on Concept Ablation (Kumari et al. 2023).
+
+Idea. The trained model prompted with the concept must behave like the frozen model prompted with an anchor, on the
+same noisy latent: minimise D_f( p_ref(x_{t-1} | x_t, c_a) || p_theta(x_{t-1} | x_t, c_f) ). Both reverse kernels are
+Gaussians of equal variance, so with m = mean_{C,H,W} (eps_ref(x_t, c_a, t) - eps_theta(x_t, c_f, t))^2 (the target
+detached) each divergence is a function of m, and the choice of f sets how hard large errors are pushed:
+
+    mse              m  (Concept Ablation; kl and reverse_kl are m / (2 sigma^2))
+    hellinger        -exp(-m / (8 sigma^2))
+    pearson_chi2     exp(m / sigma^2)
+    total_variation  2 Phi(sqrt(m) / (2 sigma)) - 1
+
+Hellinger's gradient fades for large m (gentler, better preservation), chi^2's grows (more aggressive); all share the
+optimum m = 0. `--variational` estimates any of them, jensen_shannon included (it has no closed form), with a
+discriminator on the epsilon-prediction map and the f-GAN bound E_ref[T] - E_theta[f*(T)], T = g_f(V).
+
+`--anchor esd` replaces the anchor target with ESD's negatively guided reference (Gandikota et al., "Erasing Concepts
+from Diffusion Models", arXiv 2303.07345, Sec. 3): eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, "")); with
+`--divergence mse` this is ESD, the project's ESD baseline. One difference from ESD's code, for speed: x_t comes from
+cached images of the concept (made once by the frozen model) noised to a random t, not from a partial sampling run
+of the trained model at every step.
+
+Choices and defaults: anchor = a neighbour word per Imagenette class (SD: a superclass such as church -> "building";
+tiny world: another class, as its vocabulary has only the dataset's words), "a person wearing clothes" for nudity,
+"" for free text; trained parameters xattn-kv (cross-attention to_k/to_v, as the official code); sigma 1; optional
+prior preservation on retain images with gradient surgery (PCGrad, Yu et al. 2020) at `--prior_loss_weight` > 0.
+
+Stable Diffusion (one GPU, bf16 autocast for the frozen models, fp32 trained parameters):
+    python fdiv.py --concept church --model CompVis/stable-diffusion-v1-4 --divergence hellinger
+    Not run by us (no GPU here). ESTIMATED: 50 anchor images + 400 steps at batch 4 (one trained forward/backward
+    and one frozen forward per step, 2 with esd), about 10 minutes on an A100; about 12 GB of GPU memory (bf16
+    frozen UNet, fp32 trained UNet with only to_k/to_v receiving gradients and Adam states).
+
+Tiny world (the default --model tiny, 2 CPU cores, fp32):
+    python fdiv.py --concept church             # measured time: see the README's results table
+
+Outputs in runs/fdiv__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers), samples.png (before | after),
+cached_sets.safetensors, summary.json (timing, memory), checkpoint/ (for --resume).
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
+WORLD_DEFAULTS = {
+    "tiny": dict(lr=1e-3, batch_size=16, gen_steps=25, gradient_checkpointing=False),
+    "sd": dict(lr=1e-5, batch_size=4, gen_steps=50, gradient_checkpointing=True),
+}
+# Per Imagenette class: (SD anchor word, tiny-world anchor word).
+ANCHORS = {
+    "tench": ("fish", "English springer"),
+    "English springer": ("dog", "tench"),
+    "cassette player": ("radio", "chain saw"),
+    "chain saw": ("tool", "cassette player"),
+    "church": ("building", "gas pump"),
+    "French horn": ("trumpet", "golf ball"),
+    "garbage truck": ("truck", "gas pump"),
+    "gas pump": ("machine", "church"),
+    "golf ball": ("ball", "French horn"),
+    "parachute": ("kite", "garbage truck"),
+}
+DIVERGENCES = ["mse", "hellinger", "pearson_chi2", "total_variation", "jensen_shannon", "kl", "reverse_kl"]
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", default="church", help="Imagenette class, 'nudity', or free text")
+    p.add_argument(
+        "--model", default="tiny", help="'tiny', a hub id such as CompVis/stable-diffusion-v1-4, or a folder"
+    )
+    p.add_argument("--steps", type=int, default=200, help="training steps (one update each)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: tiny 1e-3, sd 1e-5)")
+    p.add_argument("--batch_size", type=int, default=None, help="anchor images per step (default: tiny 16, sd 4)")
+    p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy, torch and the cached sets")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="frozen models' dtype")
+    p.add_argument(
+        "--train_params",
+        default=None,
+        choices=["full", "xattn", "xattn-kv", "noxattn"],
+        help="UNet parameters to train (ESD's groups; default xattn-kv = cross-attention to_k/to_v as the "
+        "official code, noxattn with --anchor esd as ESD does for objects and nudity)",
+    )
+    p.add_argument("--out_dir", default=None, help="run folder (default runs/fdiv__{concept}__s{seed})")
+    p.add_argument("--log_every", type=int, default=10, help="log every N steps")
+    p.add_argument("--sample_every", type=int, default=0, help="write samples.png every N steps (0: at the end)")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue the run in --out_dir from its last checkpoint",
+    )
+    # method
+    p.add_argument("--divergence", default="hellinger", choices=DIVERGENCES, help="the f-divergence")
+    p.add_argument(
+        "--variational",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="estimate the divergence with a discriminator (f-GAN bound) instead of its closed form",
+    )
+    p.add_argument("--sigma", type=float, default=1.0, help="std of the two Gaussian kernels in the closed forms")
+    p.add_argument(
+        "--anchor",
+        default=None,
+        help="anchor word replacing the concept in its prompts ('' = empty "
+        "prompt), a whole prompt, or 'esd' (negatively guided target); default: a neighbour per concept",
+    )
+    p.add_argument("--negative_guidance", type=float, default=1.0, help="eta of --anchor esd")
+    p.add_argument("--num_anchor_samples", type=int, default=50, help="anchor images generated once by the reference")
+    p.add_argument(
+        "--prior_loss_weight",
+        type=float,
+        default=0.0,
+        help="weight of the denoising loss on retain images, with gradient surgery (0: no prior preservation)",
+    )
+    p.add_argument("--num_retain_samples", type=int, default=45, help="retain images for --prior_loss_weight")
+    p.add_argument("--disc_lr", type=float, default=2e-4, help="discriminator learning rate (--variational)")
+    p.add_argument("--disc_warmup_steps", type=int, default=20, help="discriminator-only steps first (--variational)")
+    p.add_argument(
+        "--gen_steps", type=int, default=None, help="DDIM steps for cached sets and samples (tiny 25, sd 50)"
+    )
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance for the cached sets")
+    p.add_argument(
+        "--gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trade compute for memory in the trained UNet (default: on for sd, off for tiny)",
+    )
+    p.add_argument("--save_every", type=int, default=100, help="checkpoint + unet/ every N steps (0: at the end)")
+    args = p.parse_args(argv)
+    for name in ["steps", "batch_size", "log_every", "num_anchor_samples", "num_retain_samples", "gen_steps"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    for name in ["sample_every", "save_every", "prior_loss_weight", "disc_warmup_steps", "negative_guidance"]:
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    for name in ["lr", "sigma", "disc_lr"]:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name} must be > 0 (got {getattr(args, name)})")
+    if not args.variational and args.divergence not in CLOSED_FORMS:
+        p.error(
+            f"--divergence {args.divergence} has no closed form; add --variational "
+            f"(closed forms: {', '.join(CLOSED_FORMS)})"
+        )
+    return args
+
+
+def fill_world_defaults(args, world: str) -> None:
+    for k, v in WORLD_DEFAULTS[world].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+# ALGO LOGIC: the divergences
+def _tv(m, s):
+    z = m.clamp(min=1e-12).sqrt() / (2 * s)  # clamp: d sqrt(m)/dm is infinite at m = 0
+    return torch.erf(z / math.sqrt(2))  # 2 Phi(z) - 1
+
+
+# Loss as a function of m (the per-sample mean squared distance of the two kernels' means) and sigma. For two
+# Gaussians N(mu, s^2) at squared distance d^2 = m: KL = m / (2 s^2); the Hellinger divergence int (sqrt p - sqrt q)^2
+# = 2 - 2 exp(-m / (8 s^2)), so the loss is (divergence / 2 - 1); Pearson chi^2 = exp(m / s^2) - 1, so the loss is
+# chi^2 + 1; total variation (1/2) int |p - q| = 2 Phi(d / (2 s)) - 1.
+CLOSED_FORMS = {
+    "mse": lambda m, s: m,
+    "kl": lambda m, s: m / (2 * s**2),
+    "reverse_kl": lambda m, s: m / (2 * s**2),
+    "hellinger": lambda m, s: -torch.exp(-m / (8 * s**2)),
+    "pearson_chi2": lambda m, s: torch.exp(m / s**2),
+    "total_variation": _tv,
+}
+
+# f-GAN (Nowozin et al. 2016, Table 2): generator f, output activation g_f and Fenchel conjugate f*, so that
+# D_f(P || Q) >= sup_T E_P[T] - E_Q[f*(T)] with T = g_f(V(x)). Keys: f(u), g_f(v), f*(t).
+F_GAN = {
+    "kl": (lambda u: u * torch.log(u), lambda v: v, lambda t: torch.exp(t - 1)),
+    "reverse_kl": (lambda u: -torch.log(u), lambda v: -torch.exp(-v), lambda t: -1 - torch.log(-t)),
+    "hellinger": (lambda u: (u.sqrt() - 1) ** 2, lambda v: 1 - torch.exp(-v), lambda t: t / (1 - t)),
+    "jensen_shannon": (
+        lambda u: -(u + 1) * torch.log((1 + u) / 2) + u * torch.log(u),
+        lambda v: math.log(2) + F.logsigmoid(v),
+        lambda t: -torch.log(2 - torch.exp(t)),
+    ),
+    "pearson_chi2": (lambda u: (u - 1) ** 2, lambda v: v, lambda t: t**2 / 4 + t),
+    "total_variation": (lambda u: 0.5 * (u - 1).abs(), lambda v: 0.5 * torch.tanh(v), lambda t: t),
+}
+F_GAN["mse"] = F_GAN["kl"]  # for equal-variance Gaussians the MSE is the KL up to scale
+
+
+def closed_form_loss(pred: torch.Tensor, target: torch.Tensor, divergence: str, sigma: float) -> torch.Tensor:
+    """Mean over the batch of the divergence's closed form in m = mean_{C,H,W} (target - pred)^2 (target detached)."""
+    m = (pred.float() - target.detach().float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return CLOSED_FORMS[divergence](m, sigma).mean()
+
+
+class Discriminator(torch.nn.Module):
+    """V: a small spectral-norm conv net on the epsilon-prediction map (B, 4, h, w) -> patch logits (B, 1, h/4, w/4)."""
+
+    def __init__(self, channels: int = 4, width: int = 64):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        self.net = torch.nn.Sequential(
+            sn(torch.nn.Conv2d(channels, width, 3, 1, 1)),
+            torch.nn.LeakyReLU(0.2),
+            sn(torch.nn.Conv2d(width, 2 * width, 4, 2, 1)),
+            torch.nn.LeakyReLU(0.2),
+            sn(torch.nn.Conv2d(2 * width, 2 * width, 4, 2, 1)),
+            torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(2 * width, 1, 3, 1, 1),
+        )
+
+    def forward(self, eps: torch.Tensor) -> torch.Tensor:
+        return self.net(eps.float())
+
+
+def discriminator_loss(v_ref: torch.Tensor, v_theta: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Minus the f-GAN bound: E_theta[f*(g_f(V))] - E_ref[g_f(V)] (the discriminator maximises the bound)."""
+    _, g, f_star = F_GAN[divergence]
+    return f_star(g(v_theta)).mean() - g(v_ref).mean()
+
+
+def variational_loss(v_theta: torch.Tensor, divergence: str) -> torch.Tensor:
+    """The trained model's side of the bound: -E_theta[f*(g_f(V(eps_theta)))] (as the official code)."""
+    _, g, f_star = F_GAN[divergence]
+    return -f_star(g(v_theta)).mean()
+
+
+def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's negatively guided target: eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, ""))."""
+    return eps_empty - eta * (eps_concept - eps_empty)
+
+
+def surgery(params: list, grads_forget: list, grads_prior: list, weight: float) -> None:
+    """PCGrad (Yu et al. 2020, eq. 1) per parameter tensor: where the forget gradient conflicts with the prior one
+    (negative dot product) drop its component along the prior gradient; then add weight * prior gradient."""
+    for p, gf, gp in zip(params, grads_forget, grads_prior):
+        if gf is None:
+            continue
+        if gp is not None:
+            dot = (gf * gp).sum()
+            if dot < 0:
+                gf = gf - dot / gp.pow(2).sum().clamp(min=1e-20) * gp
+            gf = gf + weight * gp
+        p.grad = gf
+
+
+def fdiv_targets(ref, x_t, t, c_anchor, c_forget, c_empty, args) -> torch.Tensor:
+    """The frozen reference's target on x_t: eps_ref(x_t, c_a), or ESD's negatively guided one (one doubled call)."""
+    with torch.no_grad():
+        if args.anchor == "esd":
+            eps_e, eps_c = ref(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c_empty, c_forget])).sample.chunk(2)
+            return esd_target(eps_e.float(), eps_c.float(), args.negative_guidance)
+        return ref(x_t, t, c_anchor).sample.float()
+
+
+# PLUMBING: prompts and the cached sets
+def anchor_prompts(prompts: dict, anchor: str) -> list[str]:
+    """Anchor prompt per forget prompt: the concept replaced by the anchor word, or the anchor as a whole prompt when
+    the concept word is absent (nudity prompts) or the anchor is longer than a word."""
+    concept = prompts["concept"]
+    out = []
+    for p in prompts["forget"]:
+        if concept.lower() in p.lower() and len(anchor.split()) <= 2:
+            i = p.lower().index(concept.lower())
+            out.append((p[:i] + anchor + p[i + len(concept) :]).strip() if anchor else "")
+        else:
+            out.append(anchor)
+    return out
+
+
+def default_anchor(prompts: dict, world: str) -> str:
+    if prompts["kind"] == "class":
+        return ANCHORS[prompts["concept"]][0 if world == "sd" else 1]
+    return "a person wearing clothes" if prompts["kind"] == "nudity" else ""
+
+
+@torch.no_grad()
+def make_cached_set(model, prompts: list[str], n: int, seed: int, steps: int, guidance: float, batch: int, desc: str):
+    """n clean latents generated by the reference model, prompt i % len(prompts) for image i, seed `seed + i`.
+    Returns (latents (n, 4, h, w) fp32, prompt index (n,))."""
+    idx = torch.arange(n) % len(prompts)
+    out = []
+    for i in tqdm(range(0, n, batch), desc=desc):
+        j = idx[i : i + batch]
+        cond = common.encode_prompts(model, [prompts[k] for k in j.tolist()])
+        z_T = common.initial_latents(model, [seed + i + k for k in range(len(j))])
+        with common.autocast(model.device, model.dtype):
+            out.append(common.sample(model, cond, z_T, steps, guidance).float())
+    return torch.cat(out), idx
+
+
+def cached_sets(model, run: str, source: list[str], retain: list[str], args) -> dict:
+    """Images the steps noise (anchor images; concept images for esd) and retain images, made once per run folder."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(run, "cached_sets.safetensors")
+    n_r = args.num_retain_samples if args.prior_loss_weight > 0 else 0
+    key = repr(
+        dict(
+            source=source,
+            retain=retain,
+            n_a=args.num_anchor_samples,
+            n_r=n_r,
+            seed=args.seed,
+            steps=args.gen_steps,
+            guidance=args.guidance,
+            model=model.path,
+        )
+    )
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            if f.read() == key:
+                return {k: v.to(model.device) for k, v in load_file(path).items()}
+    batch = 4 * args.batch_size
+    x_a, i_a = make_cached_set(
+        model,
+        source,
+        args.num_anchor_samples,
+        args.seed * 1_000_000,
+        args.gen_steps,
+        args.guidance,
+        batch,
+        "anchor set",
+    )
+    sets = dict(x_a=x_a, i_a=i_a)
+    if n_r:
+        sets["x_r"], sets["i_r"] = make_cached_set(
+            model, retain, n_r, args.seed * 1_000_000 + 500_000, args.gen_steps, args.guidance, batch, "retain set"
+        )
+    common.atomic_write(path + ".json", lambda f: f.write(key))
+    save_file({k: v.cpu().contiguous() for k, v in sets.items()}, path)
+    return {k: v.to(model.device) for k, v in sets.items()}
+
+
+def main(args):
+    # PLUMBING: prompts, model, run folder
+    prompts = common.concept_prompts(args.concept, None)  # fails early on an unknown concept
+    common.seed_everything(args.seed)
+    model = common.load_model(args.model, args.device, args.dtype)
+    fill_world_defaults(args, model.world)
+    if args.anchor is None:
+        args.anchor = default_anchor(prompts, model.world)
+    esd = args.anchor == "esd"
+    if args.train_params is None:
+        args.train_params = "noxattn" if esd else "xattn-kv"
+    anchors = prompts["forget"] if esd else anchor_prompts(prompts, args.anchor)
+    run = common.init_run(args, "fdiv", model, extra=dict(forget_prompts=prompts["forget"], anchor_prompts=anchors))
+    t_start = time.perf_counter()
+    sets = cached_sets(model, run, anchors, prompts["retain"], args)  # esd: images of the concept itself
+    t_sets = time.perf_counter() - t_start
+    states_a = common.encode_prompts(model, anchors)  # (P, L, D), anchor prompt i pairs with forget prompt i
+    states_f = common.encode_prompts(model, prompts["forget"])
+    state_e = common.encode_prompts(model, [""])
+    states_r = common.encode_prompts(model, prompts["retain"])
+    unet = common.trainable_unet(model, args.gradient_checkpointing)
+    params = common.select_params(unet, args.train_params)
+    opt = torch.optim.Adam(params, lr=args.lr)
+    modules, optimizers = {"unet": unet}, {"opt": opt}
+    disc = None
+    if args.variational:
+        disc = Discriminator(model.latent_shape[0]).to(model.device)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.999))
+        modules["disc"], optimizers["opt_d"] = disc, opt_d
+    start = 0
+    if args.resume:
+        start = common.load_checkpoint(run, modules, optimizers)["step"]
+    n_a, B = len(sets["x_a"]), args.batch_size
+    mode = "variational" if args.variational else "closed form"
+    print(
+        f"fdiv: {model.path} ({model.world}) on {model.device} {model.dtype}; concept {prompts['concept']!r} -> "
+        f"{'ESD target, eta ' + str(args.negative_guidance) if esd else repr(anchors[0])}; {args.divergence} "
+        f"({mode}); {sum(p.numel() for p in params) / 1e6:.3f}M trained parameters ({args.train_params}); "
+        f"{args.steps} steps, batch {B}, lr {args.lr}; {n_a} cached images; run {run}"
+        + (f"; resuming at step {start}" if start else "")
+    )
+
+    def save(step: int) -> None:
+        common.save_unet(unet, os.path.join(run, "unet"))
+        common.save_checkpoint(run, step, modules, optimizers)
+
+    def samples() -> None:
+        grid_prompts = prompts["forget"][:1] + list(dict.fromkeys(prompts["retain"]))[:3]
+        common.sample_grid(
+            model,
+            [model.unet, unet],
+            grid_prompts,
+            os.path.join(run, "samples.png"),
+            steps=args.gen_steps,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+
+    # ALGO LOGIC: the training loop
+    step_time, window, train_time = 0.0, 0, 0.0
+    for step in tqdm(range(start, args.steps), desc="fdiv", initial=start, total=args.steps):
+        t0 = time.perf_counter()
+        j = torch.randint(n_a, (B,))
+        x0, k = sets["x_a"][j], sets["i_a"][j]  # (B, 4, h, w) clean latents and their prompt index
+        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (B,)).to(model.device)
+        eps = torch.randn(x0.shape).to(model.device)
+        x_t = model.scheduler.add_noise(x0, eps, t)
+        c_f, c_a, c_e = states_f[k], states_a[k], state_e.expand(B, -1, -1)
+        with common.autocast(model.device, model.dtype):
+            target = fdiv_targets(model.unet, x_t.to(model.dtype), t, c_a, c_f, c_e, args)  # (B, 4, h, w)
+            pred = unet(x_t, t, c_f.float()).sample
+        stats = {}
+        if disc is not None:  # one discriminator step: maximise E_ref[T] - E_theta[f*(T)]
+            loss_d = discriminator_loss(disc(target), disc(pred.detach()), args.divergence)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            stats["loss_disc"] = loss_d.detach()
+            if step < args.disc_warmup_steps:  # warm-up: the discriminator learns before the model moves
+                loss = None
+            else:
+                loss = variational_loss(disc(pred), args.divergence)
+        else:
+            loss = closed_form_loss(pred, target, args.divergence, args.sigma)
+        stats["m"] = (pred.detach().float() - target).pow(2).mean()
+        if loss is not None:
+            common.check_finite(loss, step + 1)
+            opt.zero_grad(set_to_none=True)
+            if args.prior_loss_weight > 0:  # prior preservation: denoise retain images, with gradient surgery
+                jr = torch.randint(len(sets["x_r"]), (B,))
+                xr, epsr = sets["x_r"][jr], torch.randn(x0.shape).to(model.device)
+                with common.autocast(model.device, model.dtype):
+                    pred_r = unet(model.scheduler.add_noise(xr, epsr, t), t, states_r[sets["i_r"][jr]].float()).sample
+                loss_prior = (pred_r.float() - epsr).pow(2).mean()
+                g_f = torch.autograd.grad(loss, params, retain_graph=False, allow_unused=True)
+                g_p = torch.autograd.grad(loss_prior, params, allow_unused=True)
+                surgery(params, g_f, g_p, args.prior_loss_weight)
+                stats["loss_prior"] = loss_prior.detach()
+            else:
+                loss.backward()
+            opt.step()
+            stats["loss"] = loss.detach()
+        stats = {k: v.item() for k, v in stats.items()}  # synchronises the device before the clock stops
+        dt = time.perf_counter() - t0
+        step_time, window, train_time = step_time + dt, window + 1, train_time + dt
+
+        # PLUMBING: logging, samples, checkpoints
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            values = dict(**stats, sec_per_step=step_time / window)
+            step_time, window = 0.0, 0
+            common.log_metrics(run, done, values)
+            tqdm.write(f"fdiv step {done}/{args.steps} " + " ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if args.sample_every and done % args.sample_every == 0 and done < args.steps:
+            samples()
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            save(done)
+    save(args.steps)
+    samples()
+
+    # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs (one trained
+    # forward+backward and one frozen forward on B images, doubled for esd; plus one trained pass with prior loss).
+    passes = [(unet, B, True), (model.unet, 2 * B if esd else B, False)]
+    if args.prior_loss_weight > 0:
+        passes.append((unet, B, True))
+    unet_time = (args.steps - start) * common.unet_pass_seconds(model, passes)
+    summary = dict(
+        wall_seconds=time.perf_counter() - t_start,
+        cached_sets_seconds=t_sets,
+        train_seconds=train_time,
+        steps=args.steps - start,
+        sec_per_step=train_time / max(1, args.steps - start),
+        unet_pass_seconds=unet_time,
+        step_efficiency=train_time / unet_time if unet_time > 0 else None,
+        peak_memory_mb=common.peak_memory_mb(model.device),
+    )
+    common.save_json(os.path.join(run, "summary.json"), summary)
+    print(
+        f"fdiv: done in {summary['wall_seconds']:.0f} s ({t_sets:.0f} s cached sets, {train_time:.0f} s for "
+        f"{summary['steps']} steps; time per step / its UNet passes = {summary['step_efficiency']:.2f}); peak "
+        f"memory {summary['peak_memory_mb']:.0f} MB; trained UNet in {os.path.join(run, 'unet')}"
+    )
+    return run
+
+
+if __name__ == "__main__":
+    common.cli(main, parse_args())
