@@ -63,7 +63,7 @@ TINY_FID = "clean-fid (mode=clean) with tiny-clip vision features (not Inception
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image folders, run folders (args.json + unet/), or models (tiny, a hub id, a model folder)")
     p.add_argument("--forget_class", default=None, help="class whose images give UA (the others give RA); default: "
@@ -81,7 +81,11 @@ def parse_args(argv=None):
                    "features: auto = the run's world, else images under 256 px -> tiny")
     p.add_argument("--prompts", default=os.path.join(common.PROMPTS_DIR, "imagenette.csv"), help="prompt file a run "
                    "folder's images are generated from")
+    p.add_argument("--output", default=None, help="write metrics.json to this file instead of PATH/metrics.json "
+                   "(one PATH only; e.g. base-model numbers per forget class)")
     args = p.parse_args(argv)
+    if args.output is not None and len(args.paths) != 1:
+        p.error(f"--output takes one PATH, got {len(args.paths)}")
     for name in ("n_per_class", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -585,9 +589,12 @@ def main(args):
         if rank != 0:
             continue
         metrics = score(job, scan, args, device, cache)
-        common.save_json(os.path.join(job["path"], "metrics.json"), metrics)
+        out = args.output or os.path.join(job["path"], "metrics.json")
+        if os.path.dirname(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+        common.save_json(out, metrics)
         print_table(metrics)
-        print(f"  wrote {os.path.join(job['path'], 'metrics.json')}")
+        print(f"  wrote {out}")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ def folders(tmp_path_factory):
     """Real Pictonette image folders: all classes twice (independent draws); churches twice and parachutes."""
     root = tmp_path_factory.mktemp("eval")
     out = {}
-    for name, n, seed, classes in [("real", N, 2000, None), ("real2", N, 2001, None), ("church", 200, 2002, ["church"]),
-                                   ("church2", 200, 2003, ["church"]), ("parachute", 200, 2003, ["parachute"])]:
+    for name, n, seed, classes in [
+        ("real", N, 2000, None),
+        ("real2", N, 2001, None),
+        ("church", 200, 2002, ["church"]),
+        ("church2", 200, 2003, ["church"]),
+        ("parachute", 200, 2003, ["parachute"]),
+    ]:
         pictonette.write_folder(str(root / name), n, seed, classes)
         out[name] = str(root / name)
     # parachutes without their class column, so that no class restriction hides that the classes differ
@@ -68,8 +73,13 @@ def folders(tmp_path_factory):
     out["swapped"] = str(root / "swapped")
     shutil.copytree(out["real"], out["swapped"])
     rows = read_rows(out["real"])
-    write_rows(out["swapped"], [{**r, "prompt": rows[(i + 1) % 10]["prompt"], "class": rows[(i + 1) % 10]["class"]}
-                                for i, r in enumerate(rows)])
+    write_rows(
+        out["swapped"],
+        [
+            {**r, "prompt": rows[(i + 1) % 10]["prompt"], "class": rows[(i + 1) % 10]["class"]}
+            for i, r in enumerate(rows)
+        ],
+    )
     return out
 
 
@@ -91,8 +101,10 @@ def test_judge_recognises_real_images(folders):
     # no forget class: per-class and mean accuracy only; class names are matched like concepts ("chain_saw")
     m = run_eval(folders["real"], "--metrics", "ua")
     assert m["summary"]["UA"] is None and m["summary"]["RA"] is None and m["summary"]["mean_accuracy"] >= 0.9
-    assert run_eval(folders["real"], "--metrics", "ua", "--forget_class", "chain_saw")["accuracy"]["forget_class"] \
+    assert (
+        run_eval(folders["real"], "--metrics", "ua", "--forget_class", "chain_saw")["accuracy"]["forget_class"]
         == "chain saw"
+    )
 
 
 def test_fid_kid_known_answers(folders):
@@ -193,10 +205,12 @@ def test_nsfw_counts_and_rate(monkeypatch):
     """NudeNet's detections (a stand-in module here) -> per-label counts at score >= 0.6 and the NSFW rate."""
     import types
 
-    canned = {"a.png": [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9}, {"class": "FEMALE_BREAST_EXPOSED",
-                                                                           "score": 0.7}],
-              "b.png": [{"class": "BELLY_EXPOSED", "score": 0.95}, {"class": "ANUS_EXPOSED", "score": 0.59}],
-              "c.png": [{"class": "FACE_FEMALE", "score": 0.99}], "d.png": []}
+    canned = {
+        "a.png": [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9}, {"class": "FEMALE_BREAST_EXPOSED", "score": 0.7}],
+        "b.png": [{"class": "BELLY_EXPOSED", "score": 0.95}, {"class": "ANUS_EXPOSED", "score": 0.59}],
+        "c.png": [{"class": "FACE_FEMALE", "score": 0.99}],
+        "d.png": [],
+    }
 
     class Detector:
         def detect(self, path):
@@ -253,8 +267,11 @@ def spoil(case: str, f) -> tuple:
         shutil.copy(f / "0_0.png", f / "grid.png")
     elif case == "run without unet":
         make_run(f, unet=False)
-    flags = {"unknown forget class": ["--forget_class", "dragon"], "forget class absent": ["--forget_class",
-             "parachute"], "missing reference": ["--reference", str(f.parent / "noref")]}
+    flags = {
+        "unknown forget class": ["--forget_class", "dragon"],
+        "forget class absent": ["--forget_class", "parachute"],
+        "missing reference": ["--reference", str(f.parent / "noref")],
+    }
     return (f.parent / "nowhere" if case == "missing path" else f), flags.get(case, [])
 
 
@@ -283,11 +300,28 @@ def test_bad_input_is_a_usage_error_naming_the_value(case, small):
     assert not os.path.exists(os.path.join(small, "metrics.json"))
 
 
-def test_bad_flags_exit_2():
-    for argv in (["x", "--n_per_class", "0"], ["x", "--metrics", "bleu"], ["x", "--world", "huge"]):
+def test_output_flag_writes_metrics_elsewhere(small, tmp_path):
+    out = tmp_path / "per_concept" / "church.json"
+    ev.main(
+        ev.parse_args(
+            [str(small), "--metrics", "ua", "--forget_class", "church", "--device", "cpu", "--output", str(out)]
+        )
+    )
+    assert json.loads(out.read_text())["accuracy"]["forget_class"] == "church"
+    assert not os.path.exists(os.path.join(small, "metrics.json"))
+
+
+def test_bad_flags_exit_2_with_one_line(capsys):
+    for argv, message in (
+        (["x", "--n_per_class", "0"], "--n_per_class must be >= 1, got 0"),
+        (["x", "--metrics", "bleu"], "invalid choice: 'bleu'"),
+        (["x", "--world", "huge"], "invalid choice: 'huge'"),
+        (["x", "y", "--output", "m.json"], "--output takes one PATH, got 2"),
+    ):
         with pytest.raises(SystemExit) as e:
             ev.parse_args(argv)
-        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- the CLI and run folders
@@ -321,13 +355,17 @@ def test_run_folder_generates_then_scores(tiny_sd, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     make_run(run, base_model=tiny_sd)
-    rows = [r for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))
-            if r["class"] in ("church", "tench")]
+    rows = [
+        r
+        for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))
+        if r["class"] in ("church", "tench")
+    ]
     write_rows(tmp_path, rows)  # two rows of the standard prompt file keep the test short
     m = run_eval(run, "--n_per_class", "2", "--metrics", "ua", "clip", "--prompts", tmp_path / "prompts.csv")
     cases = [r["case_number"] for r in rows]
-    assert sorted(os.listdir(run / "images")) == sorted([f"{c}_{k}.png" for c in cases for k in range(2)] +
-                                                        ["generation.json", "prompts.csv"])
+    assert sorted(os.listdir(run / "images")) == sorted(
+        [f"{c}_{k}.png" for c in cases for k in range(2)] + ["generation.json", "prompts.csv"]
+    )
     assert m["run"]["concept"] == "church" and m["accuracy"]["forget_class"] == "church"  # the run's concept
     assert m["generation"]["steps"] == 25 and m["generation"]["guidance"] == 7.5 and m["n_images"] == 4
     assert 0 <= m["summary"]["UA"] <= 1 and os.path.isfile(run / "metrics.json")
@@ -338,13 +376,26 @@ def test_model_path_scores_the_base_model(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = [r for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv")) if r["class"] == "tench"]
     write_rows(tmp_path, rows)
-    args = ev.parse_args([tiny_sd, "--n_per_class", "2", "--metrics", "ua", "--prompts", str(tmp_path / "prompts.csv"),
-                          "--device", "cpu"])
+    args = ev.parse_args(
+        [
+            tiny_sd,
+            "--n_per_class",
+            "2",
+            "--metrics",
+            "ua",
+            "--prompts",
+            str(tmp_path / "prompts.csv"),
+            "--device",
+            "cpu",
+        ]
+    )
     ev.main(args)
     folder = tmp_path / "runs" / ("base__" + tiny_sd.strip("/").replace("/", "_"))
     m = json.load(open(folder / "metrics.json"))
     assert m["world"] == "tiny" and m["n_images"] == 2 and m["run"]["base_model"] == tiny_sd
-    assert sorted(f for f in os.listdir(folder / "images") if f.endswith(".png")) == [f"{rows[0]['case_number']}_0.png",
-                                                                                       f"{rows[0]['case_number']}_1.png"]
+    assert sorted(f for f in os.listdir(folder / "images") if f.endswith(".png")) == [
+        f"{rows[0]['case_number']}_0.png",
+        f"{rows[0]['case_number']}_1.png",
+    ]
     assert ev.model_world("tiny") == "tiny" and ev.model_world("CompVis/stable-diffusion-v1-4") == "sd"
     assert ev.model_world(str(tmp_path)) is None  # an ordinary folder is not a model
