@@ -370,13 +370,17 @@ def sample(
     unet=None,
     generator=None,
     return_trajectory: bool = False,
+    t_init: int | None = None,
 ):
     """DDIM sampling from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
 
     Returns x_0 latents, or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
-    (T, N) (eta > 0), `timesteps` (T,). Gradients flow only if the caller enables them.
+    (T, N) (eta > 0), `timesteps` (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a
+    one-step generator (SFD/SiD): `one_step` replaces the DDIM loop, and steps and guidance are not used.
     """
     unet = unet or model.unet
+    if t_init is not None:
+        return one_step(model, unet, cond, latents, t_init)
     uncond = encode_prompts(model, [""]).expand(len(cond), -1, -1)
     x = latents
     traj, logps = [x], []
@@ -393,6 +397,16 @@ def sample(
     return dict(
         latents=torch.stack(traj), log_probs=torch.stack(logps) if eta > 0 else None, timesteps=torch.tensor(timesteps)
     )
+
+
+def one_step(model: Model, unet, cond: torch.Tensor, z: torch.Tensor, t_init: int) -> torch.Tensor:
+    """One-step generation (SiD-LSG / SFD): x_init = sqrt(1 - abar_tinit) z, the scheduler's add_noise of x_0 = 0, and
+    x_g = the UNet's x0-prediction at t_init, (x_init - sqrt(1 - abar) eps) / sqrt(abar). No guidance: the generator
+    was trained with guidance on its teacher."""
+    t = torch.full((len(z),), int(t_init), device=z.device)
+    x_init = model.scheduler.add_noise(torch.zeros_like(z), z, t)
+    eps = unet(x_init, t, cond).sample
+    return x0_from_eps(model.scheduler, x_init, eps, t).to(z.dtype)
 
 
 @torch.no_grad()
@@ -514,6 +528,7 @@ def generate(
     unet=None,
     limit: int | None = None,
     progress: bool = True,
+    t_init: int | None = None,
 ) -> str:
     """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`.
 
@@ -523,7 +538,7 @@ def generate(
     written, so 1 and N processes, and a resumed run, write bit-identical files (batched matmuls round differently
     for different batch compositions). A batch whose files all exist is skipped; a partly written one is sampled
     again and only its missing files are written. `generation.json` records the settings; resuming with other
-    settings is an error.
+    settings is an error. With `t_init` the UNet is a one-step generator (see `one_step`).
     """
     if n_per_prompt < 1 or steps < 1 or batch_size < 1:
         raise UsageError(f"n_per_prompt, steps and batch_size must be >= 1 (got {n_per_prompt}, {steps}, {batch_size})")
@@ -533,7 +548,7 @@ def generate(
     settings = dict(
         model=model.path if not is_tiny(model.path) else "tiny",
         unet="an in-memory UNet passed to generate()" if unet is not None else model.unet_path,
-        sampler="DDIM eta=0",
+        sampler="DDIM eta=0" if t_init is None else f"one step at t_init={t_init}",
         steps=steps,
         guidance=guidance,
         n_per_prompt=n_per_prompt,
@@ -571,6 +586,7 @@ def generate(
                 steps,
                 guidance,
                 unet=unet,
+                t_init=t_init,
             )
         for (r, k), img in zip(chunk, decode(model, z)):
             if not os.path.exists(path_of(r, k)):

@@ -569,7 +569,9 @@ def generate_run_images(job: dict, args, device) -> dict:
     unet = None if "unet" in job["run"] else os.path.join(run, "unet")  # a base model PATH has no trained UNet
     model = common.load_model(job["run"]["base_model"], device=device, unet_path=unet)
     print(f"{run}: generating {n} images per row of {args.prompts} into {os.path.join(run, 'images')}")
-    common.generate(model, args.prompts, os.path.join(run, "images"), n_per_prompt=n, steps=25, guidance=7.5)
+    t_init = job["run"].get("sampler", {}).get("t_init")  # an SFD run: its UNet is a one-step generator
+    common.generate(model, args.prompts, os.path.join(run, "images"), n_per_prompt=n, steps=25, guidance=7.5,
+                    t_init=t_init)
     return read_folder(os.path.join(run, "images"))
 
 

@@ -327,3 +327,20 @@ def test_sample_grid(tiny_model, tmp_path):
     # 2 prompts x 2 images of 32 px per UNet, a 4 px white separator, upscaled 4x: (256, 4 * (64 + 4 + 64), 3)
     assert img.shape == (256, 528, 3) and np.all(img[:, 256:272] == 255)
     assert np.array_equal(img[:, :256], img[:, -256:])  # same UNet, same seeds: same images on both sides
+
+
+def test_one_step_generator_is_the_schedulers_pred_original_sample(tiny_model):
+    """SFD/SiD one-step generation: x_init = sqrt(1 - abar) z, x_g = the scheduler's pred_original_sample at t_init."""
+    from diffusers import DDPMScheduler
+
+    z = torch.randn(3, *tiny_model.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = common.encode_prompts(tiny_model, ["an image of a church", "a photo of a tench", ""])
+    with torch.no_grad():
+        x_g = common.one_step(tiny_model, tiny_model.unet, cond, z, 625)
+        abar = tiny_model.scheduler.alphas_cumprod[625]
+        x_init = (1 - abar).sqrt() * z
+        eps = tiny_model.unet(x_init, 625, cond).sample
+        ddpm = DDPMScheduler.from_config(tiny_model.scheduler.config)
+        expected = ddpm.step(eps, 625, x_init).pred_original_sample
+        assert torch.allclose(x_g, expected, atol=1e-5)
+        assert torch.equal(common.sample(tiny_model, cond, z, steps=25, guidance=7.5, t_init=625), x_g)
