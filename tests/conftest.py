@@ -26,30 +26,3 @@ def tiny_model(tiny_sd):
     import common
 
     return common.load_model(tiny_sd, device="cpu")
-
-
-JUDGE = os.path.join(ROOT, "data", "tiny-classifier")
-
-
-def judge_accuracies(model, unets: list, classes: list[str], n: int) -> list[dict]:
-    """Per UNet, the tiny judge's top-1 accuracy on n images per class ("an image of a {class}", the evaluation
-    seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5): [{class: accuracy}, ...]."""
-    import torch
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    import common
-
-    judge = AutoModelForImageClassification.from_pretrained(JUDGE).eval()
-    processor = AutoImageProcessor.from_pretrained(JUDGE, use_fast=False)
-    rows = {r["class"]: r for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))}
-    cond = common.encode_prompts(model, [rows[c]["prompt"] for c in classes for _ in range(n)])
-    z_T = common.initial_latents(model, [rows[c]["evaluation_seed"] + k for c in classes for k in range(n)])
-    labels = torch.tensor([judge.config.label2id[c] for c in classes for _ in range(n)])
-    out = []
-    for unet in unets:
-        with torch.no_grad():
-            images = common.decode(model, common.sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet))
-            pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
-        ok = (pred == labels).float().reshape(len(classes), n).mean(1)
-        out.append(dict(zip(classes, ok.tolist())))
-    return out
