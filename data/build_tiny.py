@@ -491,7 +491,7 @@ def build_unet(
     )
     unet = UNet2DConditionModel(**unet_config())
     if resume:  # --unet_resume: continue from the UNet and text encoder already saved in `out` (their EMA weights)
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"))
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).state_dict())
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder")).eval().requires_grad_(False)
         seed += 1  # fresh noise and batches
     print(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
@@ -571,6 +571,13 @@ def build_unet(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    for part in ("unet", "vae", "text_encoder"):  # from_pretrained records the local path it loaded from: drop it
+        path = os.path.join(out, part, "config.json")
+        config = json.load(open(path))
+        if config.pop("_name_or_path", None) is not None:
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
     print(f"unet: saved the pipeline to {out}")
     return {}
 
