@@ -631,6 +631,53 @@ def style_and_background(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return coverage, bg_names
 
 
+def train_style_judge(vae, n_train: int, seed: int, steps: int = 600, batch: int = 128):
+    """A small CNN (logit > 0: sketch) trained on VAE reconstructions (posterior samples) of n_train real filled and
+    n_train real sketch images; returns it and its accuracy on held-out reconstructions (up to 500 per style)."""
+    torch.manual_seed(seed)
+
+    def reconstructions(style: str, n: int, data_seed: int) -> torch.Tensor:
+        x = to_tensor(pictonette.make(n, seed=data_seed, style=style)["images"])
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    vae.decode(vae.encode(x[i : i + 500]).latent_dist.sample()).sample.clamp(-1, 1)
+                    for i in range(0, n, 500)
+                ]
+            )
+
+    x = torch.cat([reconstructions("filled", n_train, seed), reconstructions("sketch", n_train, seed + 1)])
+    y = torch.cat([torch.zeros(n_train), torch.ones(n_train)])
+    n_held = min(500, n_train)
+    held = torch.cat([reconstructions("filled", n_held, seed + 2), reconstructions("sketch", n_held, seed + 3)])
+    held_y = torch.cat([torch.zeros(n_held), torch.ones(n_held)])
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(64, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 1),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="report: style judge"):
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(net(x[idx]).squeeze(1), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = ((net(held).squeeze(1) > 0).float() == held_y).float().mean().item()
+    return net, acc
+
+
 def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100) -> np.ndarray:
     out = []
     for i in range(0, len(prompts), batch):
@@ -678,20 +725,24 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     figures["gen_acc_photo_min"] = float(min(per_class_photo.values()))
     print(f"report: sampling + judging {3 * len(seeds)} images took {time.time() - t0:.0f} s")
 
-    # Style: calibrate the coverage threshold on real images (midpoint of the two styles' medians).
-    real_f = pictonette.make(10 * n_per_class, seed=1004, style="filled")["images"]
-    real_s = pictonette.make(10 * n_per_class, seed=1005, style="sketch")["images"]
-    cf, cs = style_and_background(real_f)[0], style_and_background(real_s)[0]
-    thr = float((np.median(cf) + np.median(cs)) / 2)
-    figures["sketch_threshold_coverage"] = thr
-    figures["sketch_rule_acc_on_real"] = float(((cf > thr).mean() + (cs <= thr).mean()) / 2)
+    # Style: a small CNN told apart VAE reconstructions of real sketches and of real filled icons (the VAE cannot
+    # keep 1-pixel lines crisp, so generated sketches are judged against what the VAE makes of real ones); its
+    # accuracy on held-out reconstructions is reported with the rates.
+    # (2,000 images per style and 600 steps at the default 50 per class; scaled down with --smoke's 2)
+    style_judge, style_acc = train_style_judge(
+        pipe.vae, n_train=min(2000, 40 * n_per_class), seed=1006, steps=min(600, 12 * n_per_class)
+    )
+    figures["style_judge_acc_on_vae_recon"] = style_acc
     n_style = min(20, n_per_class)
     sk_prompts = [f"a sketch of a {c}" for c in classes for _ in range(n_style)]
     sk_seeds = [s for _ in classes for s in range(n_style)]
-    cov_sketch = style_and_background(sample_pipeline(pipe, sk_prompts, sk_seeds))[0]
-    cov_plain = style_and_background(images)[0]
-    figures["sketch_prompt_outline_rate"] = float((cov_sketch <= thr).mean())
-    figures["plain_prompt_outline_rate"] = float((cov_plain <= thr).mean())
+    with torch.no_grad():
+        is_sketch = style_judge(to_tensor(sample_pipeline(pipe, sk_prompts, sk_seeds))).squeeze(1) > 0
+        plain_is_sketch = style_judge(to_tensor(images)).squeeze(1) > 0
+    figures["sketch_prompt_outline_rate"] = is_sketch.float().mean().item()
+    figures["plain_prompt_outline_rate"] = plain_is_sketch.float().mean().item()
+    for old in ("sketch_threshold_coverage", "sketch_rule_acc_on_real"):  # the coverage rule this replaced
+        figures.pop(old, None)
     rates = {}
     for colour in ["red", "blue", "green", "yellow"]:
         bg_images = sample_pipeline(
