@@ -808,6 +808,29 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
     return dict(step=meta["step"], extra=meta["extra"])
 
 
+def tiny_judge_accuracies(model: Model, unets: list, classes: list[str], n: int) -> list[dict]:
+    """Per UNet, the tiny judge's (data/tiny-classifier) top-1 accuracy on n images per class: prompt "an image of a
+    {class}", the evaluation seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5. A quick check of
+    forgetting for tests and sweeps; eval.py gives the full metrics. Returns [{class: accuracy}, ...]."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    judge_dir = os.path.join(ROOT, "data", "tiny-classifier")
+    judge = AutoModelForImageClassification.from_pretrained(judge_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(judge_dir, use_fast=False)
+    rows = {r["class"]: r for r in read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))}
+    cond = encode_prompts(model, [rows[c]["prompt"] for c in classes for _ in range(n)])
+    z_T = initial_latents(model, [rows[c]["evaluation_seed"] + k for c in classes for k in range(n)])
+    labels = torch.tensor([judge.config.label2id[c] for c in classes for _ in range(n)])
+    out = []
+    for unet in unets:
+        with torch.no_grad():
+            images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet))
+            pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
+        ok = (pred == labels).float().reshape(len(classes), n).mean(1)
+        out.append(dict(zip(classes, ok.tolist())))
+    return out
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on the CPU), so that wall-clock timings are honest."""
     if device.type == "cuda":

@@ -25,8 +25,19 @@ of the trained model at every step.
 
 Choices and defaults: anchor = a neighbour word per Imagenette class (SD: a superclass such as church -> "building";
 tiny world: another class, as its vocabulary has only the dataset's words), "a person wearing clothes" for nudity,
-"" for free text; trained parameters xattn-kv (cross-attention to_k/to_v, as the official code); sigma 1; optional
-prior preservation on retain images with gradient surgery (PCGrad, Yu et al. 2020) at `--prior_loss_weight` > 0.
+"" for free text; trained parameters xattn-kv (cross-attention to_k/to_v, as the official code), with `--anchor esd`
+too: ESD's paper trains the non-cross-attention layers (noxattn, "ESD-u") for objects and nudity, but on the tiny
+world (previous tiny-sd build) at this learning rate that forgot church less (judge: 1.00 -> 0.20 vs 0.15) and cut
+the other classes' recognition from 0.92 to 0.62 on average (0.93 with xattn-kv); pass `--train_params noxattn` for
+ESD-u; sigma 1; optional prior preservation on retain images with gradient surgery (PCGrad, Yu et al. 2020) at
+`--prior_loss_weight` > 0.
+
+What the divergence changes, measured: with sigma 1 (the official code's value) the per-sample mean squared distance
+m stays below 0.004 during a tiny-world run, so exp(-m/8) and exp(m) are 1 to within 0.5% and the closed-form losses
+are the MSE times a nearly constant factor. Adam's updates do not depend on a constant factor of the loss, so mse,
+hellinger and pearson_chi2 train nearly the same model: on church (seed 0) their logged m agreed within 1.5% at
+every step and the judge's per-class results were identical. The divergences only differ where m / sigma^2 is of
+order 1 (a smaller --sigma), or with an optimiser that is not scale-invariant.
 
 Stable Diffusion (one GPU, bf16 autocast for the frozen models, fp32 trained parameters):
     python fdiv.py --concept church --model CompVis/stable-diffusion-v1-4 --divergence hellinger
@@ -90,7 +101,7 @@ def parse_args(argv=None):
         default=None,
         choices=["full", "xattn", "xattn-kv", "noxattn"],
         help="UNet parameters to train (ESD's groups; default xattn-kv = cross-attention to_k/to_v as the "
-        "official code, noxattn with --anchor esd as ESD does for objects and nudity)",
+        "official code, also with --anchor esd; ESD's paper uses noxattn for objects and nudity)",
     )
     p.add_argument("--out_dir", default=None, help="run folder (default runs/fdiv__{concept}__s{seed})")
     p.add_argument("--log_every", type=int, default=10, help="log every N steps")
@@ -353,7 +364,7 @@ def main(args):
         args.anchor = default_anchor(prompts, model.world)
     esd = args.anchor == "esd"
     if args.train_params is None:
-        args.train_params = "noxattn" if esd else "xattn-kv"
+        args.train_params = "xattn-kv"
     anchors = prompts["forget"] if esd else anchor_prompts(prompts, args.anchor)
     run = common.init_run(args, "fdiv", model, extra=dict(forget_prompts=prompts["forget"], anchor_prompts=anchors))
     t_start = time.perf_counter()

@@ -57,8 +57,10 @@ def main():
     t_ours, t_theirs = np.median(times["common"]), np.median(times["diffusers"])
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps, {args.repeats} alternating rounds")
     print(f"identical images: {same}")
-    print(f"common.sample: {args.batch_size / t_ours:.1f} images/s; StableDiffusionPipeline: "
-          f"{args.batch_size / t_theirs:.1f} images/s; ratio (common / diffusers) {t_theirs / t_ours:.2f}x")
+    print(
+        f"common.sample: {args.batch_size / t_ours:.1f} images/s; StableDiffusionPipeline: "
+        f"{args.batch_size / t_theirs:.1f} images/s; ratio (common / diffusers) {t_theirs / t_ours:.2f}x"
+    )
 
 
 if __name__ == "__main__":

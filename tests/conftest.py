@@ -26,3 +26,6 @@ def tiny_model(tiny_sd):
     import common
 
     return common.load_model(tiny_sd, device="cpu")
+
+
+from common import tiny_judge_accuracies as judge_accuracies  # noqa: E402,F401  (the efficacy tests use it)

@@ -210,7 +210,7 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path):
     assert "pure step 4/4 phase repair forget_step 2" in out.stdout and "sec_per_step" in out.stdout
     record = json.loads((run / "args.json").read_text())
     assert record["method"] == "pure" and record["world"] == "tiny"
-    assert record["args"]["lr"] == 1e-4 and record["args"]["beta"] is not None  # resolved world defaults are recorded
+    assert record["args"]["lr"] == 3e-4 and record["args"]["beta"] is not None  # resolved world defaults are recorded
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4]
     assert [ln["phase"] for ln in lines] == ["forget", "repair", "forget", "repair"]
