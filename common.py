@@ -909,14 +909,16 @@ def sample_grid(
     steps: int = 25,
     guidance: float = 7.5,
     seed: int = 0,
+    t_init: int | None = None,
 ) -> None:
-    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds."""
+    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds.
+    With `t_init` the UNets are one-step generators (see `one_step`)."""
     cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
     z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
     blocks = []
     for unet in unets:
         with autocast(model.device, model.dtype):
-            imgs = decode(model, sample(model, cond, z_T, steps, guidance, unet=unet))
+            imgs = decode(model, sample(model, cond, z_T, steps, guidance, unet=unet, t_init=t_init))
         h = imgs.shape[1]
         blocks.append(
             imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4).reshape(len(prompts) * h, n * h, 3)
