@@ -1,0 +1,274 @@
+"""rl_critic.py: the stored log-probabilities against an independent Gaussian density, the PPO clip, the critic's FiLM
+conditioning, the advantages (TD telescopes, GAE's limits), the kernel KL, run folders, --resume, bad flags, and
+forgetting on the tiny world."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import common
+import rl_critic
+
+FAST = ["--batch_size", "4", "--sample_steps", "3", "--critic_warmup", "1", "--reward", "clip", "--log_every", "1"]
+
+
+# ---------------------------------------------------------------- the policy's log-probabilities
+
+
+def test_stored_log_prob_equals_the_gaussian_density_recomputed_independently(tiny_model):
+    """A rollout's stored log pi(x_{t-1} | x_t) is the density of N(mu, s^2 I) at the stored x_{t-1}, with mu and s
+    recomputed here from the betas (not alphas_cumprod) and DDIM's formulas, and torch.distributions."""
+    steps, w = 3, 5.0
+    cond = common.encode_prompts(tiny_model, ["an image of a church", "an image of a tench"])
+    uncond = common.encode_prompts(tiny_model, [""]).expand(2, -1, -1)
+    z = common.initial_latents(tiny_model, [1, 2])
+    with torch.no_grad():
+        traj = common.sample(
+            tiny_model, cond, z, steps, w, eta=1.0, generator=torch.Generator().manual_seed(0), return_trajectory=True
+        )
+    betas = tiny_model.scheduler.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
+    ts = traj["timesteps"].tolist()
+    assert ts == sorted(ts, reverse=True) and len(ts) == steps
+    for k, t in enumerate(ts):
+        x_t, x_prev = traj["latents"][k].double(), traj["latents"][k + 1].double()
+        with torch.no_grad():
+            e_u = tiny_model.unet(x_t.float(), t, uncond).sample.double()
+            e_c = tiny_model.unet(x_t.float(), t, cond).sample.double()
+        eps = e_u + w * (e_c - e_u)
+        a_t = abar[t]
+        a_prev = abar[t - 1000 // steps] if t - 1000 // steps >= 0 else abar[0]  # set_alpha_to_one = False
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        mu = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
+        density = torch.distributions.Normal(mu, var.sqrt()).log_prob(x_prev).sum(dim=(1, 2, 3))
+        assert torch.allclose(traj["log_probs"][k].double(), density, rtol=1e-4, atol=1e-2), (k, t)
+        # and the re-scoring path the PPO update uses gives the same number for the stored step
+        eps_f = common.cfg_eps(tiny_model.unet, traj["latents"][k], torch.full((2,), t), cond, uncond, w)
+        _, again = common.ddim_step(
+            tiny_model.scheduler, eps_f, t, traj["latents"][k], steps, 1.0, prev=traj["latents"][k + 1]
+        )
+        assert torch.allclose(again, traj["log_probs"][k], rtol=1e-4, atol=1e-2)
+
+
+# ---------------------------------------------------------------- PPO, advantages, KL
+
+
+def test_ppo_loss_is_the_policy_gradient_at_ratio_one_and_clipped_beyond_eps():
+    adv = torch.tensor([1.0, -2.0, 0.5, -0.3])
+    old = torch.tensor([-3.0, -1.0, 2.0, 0.0])
+    logp = old.clone().requires_grad_(True)  # ratio 1
+    loss, info = rl_critic.ppo_loss(logp, old, adv, 0.2)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(g, -adv / len(adv))  # d/dlogp of -mean(A ratio) at ratio 1: the REINFORCE gradient
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert info["approx_kl"].item() == pytest.approx(0.0, abs=1e-7) and info["clipfrac"].item() == 0.0
+    eps = 0.2
+    shift = torch.tensor([0.5, -0.5, 0.1, -0.1])  # ratios e^0.5 (A>0, clipped), e^-0.5 (A<0, clipped), inside, inside
+    logp = (old + shift).requires_grad_(True)
+    loss, info = rl_critic.ppo_loss(logp, old, adv, eps)
+    (g,) = torch.autograd.grad(loss, logp)
+    ratio = shift.exp()
+    assert g[0] == 0 and g[1] == 0  # beyond 1 +- eps in the direction the advantage pushes: no gradient
+    assert torch.allclose(g[2:], -adv[2:] * ratio[2:] / 4)
+    expected = torch.stack([-adv[0] * (1 + eps), -adv[1] * (1 - eps), *(-adv[2:] * ratio[2:])]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert info["clipfrac"].item() == pytest.approx(0.5)
+    # the pessimistic side is not clipped: A > 0 with a ratio below 1 - eps keeps its gradient
+    logp = (old + torch.tensor([-0.5, 0.0, 0.0, 0.0])).requires_grad_(True)
+    (g,) = torch.autograd.grad(rl_critic.ppo_loss(logp, old, adv, eps)[0], logp)
+    assert g[0] != 0
+
+
+def test_td_advantages_telescope_to_r_minus_v_of_x_T_and_gae_limits():
+    gen = torch.Generator().manual_seed(0)
+    values, rewards = torch.randn(7, 5, generator=gen), torch.randn(5, generator=gen)
+    td = rl_critic.advantages(values, rewards, "td", 0.0)
+    assert torch.allclose(td.sum(0), rewards - values[0], atol=1e-6)
+    assert torch.allclose(td[-1], rewards - values[-1]) and torch.allclose(td[0], values[1] - values[0])
+    assert torch.allclose(rl_critic.advantages(values, rewards, "gae", 0.0), td)
+    base = rl_critic.advantages(values, rewards, "baseline", 0.0)
+    assert torch.allclose(base, rewards[None] - values)
+    assert torch.allclose(rl_critic.advantages(values, rewards, "gae", 1.0), base, atol=1e-6)
+    lam = 0.7
+    gae = rl_critic.advantages(values, rewards, "gae", lam)
+    expected0 = sum(lam**k * td[k] for k in range(7))
+    assert torch.allclose(gae[0], expected0, atol=1e-6)
+
+
+def test_normalize_per_group_and_clip():
+    adv = torch.tensor([[1.0, 2.0, 100.0, 300.0], [3.0, 4.0, 200.0, 400.0]])
+    out = rl_critic.normalize(adv, torch.tensor([True, True, False, False]), 5.0)
+    for cols in ([0, 1], [2, 3]):
+        assert out[:, cols].mean().item() == pytest.approx(0.0, abs=1e-6)
+        assert out[:, cols].std().item() == pytest.approx(1.0, rel=1e-5)
+    big = torch.zeros(1, 50)
+    big[0, 0] = 1000.0
+    assert rl_critic.normalize(big, torch.ones(50, dtype=torch.bool), 5.0).max().item() == 5.0
+
+
+def test_kernel_kl_is_the_kl_of_the_two_ddim_kernels(tiny_model):
+    """For N(m1, s^2), N(m2, s^2) and x_i = m_i + s n (same n): [log p1 - log p2](x1) - [log p1 - log p2](x2) =
+    ||m1 - m2||^2 / s^2 = 2 KL, all from common.ddim_step, independent of kernel_kl's formula."""
+    sched, steps = tiny_model.scheduler, 10
+    gen = torch.Generator().manual_seed(0)
+    x_t, e1, e2 = (torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    e2 = e1 + 0.1 * e2
+    for t in common.ddim_timesteps(sched, steps):
+        x1, _ = common.ddim_step(sched, e1, t, x_t, steps, 1.0, torch.Generator().manual_seed(1))
+        x2, _ = common.ddim_step(sched, e2, t, x_t, steps, 1.0, torch.Generator().manual_seed(1))
+        lp = {
+            (i, j): common.ddim_step(sched, e, t, x_t, steps, 1.0, prev=x)[1]
+            for i, e in enumerate([e1, e2])
+            for j, x in enumerate([x1, x2])
+        }
+        two_kl = (lp[0, 0] - lp[1, 0]) - (lp[0, 1] - lp[1, 1])
+        kl = rl_critic.kernel_kl(sched, e1, e2, t, steps, 1.0)
+        assert torch.allclose(2 * kl.double(), two_kl, rtol=1e-4), t
+
+
+def test_per_prompt_stats_normalise_each_prompt_on_its_own():
+    tracker = rl_critic.PerPromptStats(buffer=4)
+    r = torch.tensor([1.0, 10.0])
+    out = tracker(["a", "b"], r)  # one reward per prompt so far (< buffer / 2): the batch's mean and std
+    assert torch.allclose(out, (r - r.mean()) / (r.std() + 1e-6))
+    out = tracker(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]))  # now per prompt, over its buffer
+    a = torch.tensor([1.0, 1.0, 3.0])
+    assert out[1].item() == pytest.approx(((3 - a.mean()) / (a.std() + 1e-6)).item(), rel=1e-5)
+    assert out[3].item() == pytest.approx(out[1].item(), rel=1e-5)  # b's rewards are 10x a's
+
+
+# ---------------------------------------------------------------- the critic
+
+
+def test_film_conditions_on_t_and_timestep_none_does_not():
+    torch.manual_seed(0)
+    x, text = torch.randn(3, 4, 8, 8), torch.randn(3, 16)
+    t1, t2 = torch.tensor([900, 900, 900]), torch.tensor([10, 10, 10])
+    film = rl_critic.Critic(4, 16, width=16, timestep="film")
+    assert not torch.allclose(film(x, t1, text), film(x, t2, text))
+    plain = rl_critic.Critic(4, 16, width=16, timestep="none")
+    assert torch.equal(plain(x, t1, text), plain(x, t2, text))
+    assert not torch.allclose(plain(x, t1, text), plain(x, t1, text.flip(0)))  # the text still conditions it
+    assert film(torch.randn(2, 4, 64, 64), torch.tensor([5, 500]), torch.randn(2, 16)).shape == (2,)
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = rl_critic.timestep_embedding(torch.tensor([0, 3]), 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-math.log(10_000) * torch.arange(4) / 4)
+    assert torch.allclose(emb[1], torch.cat([(3 * freqs).cos(), (3 * freqs).sin()]))
+
+
+def test_explained_variance():
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert rl_critic.explained_variance(y, y) == pytest.approx(1.0)
+    assert rl_critic.explained_variance(torch.full((4,), 2.5), y) == pytest.approx(0.0)
+    assert math.isnan(rl_critic.explained_variance(y, torch.ones(4)))
+
+
+# ---------------------------------------------------------------- runs, resume, errors
+
+
+def run_script(argv, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "rl_critic.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--kl_weight", "0.1"]],
+)
+def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    run = tmp_path / "run"
+    out = run_script(["--model", tiny_sd, "--steps", "2", "--out_dir", str(run), *FAST, *extra])
+    assert "rl_critic step 2/2" in out.stdout and "time per step / its UNet passes" in out.stdout
+    record = json.loads((run / "args.json").read_text())
+    assert record["method"] == "rl_critic" and record["world"] == "tiny" and record["args"]["sample_steps"] == 3
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2]
+    assert all(np.isfinite(ln["reward_forget"]) and np.isfinite(ln["reward_retain"]) for ln in lines)
+    for key in ["pg_loss", "approx_kl", "old_approx_kl", "clipfrac"]:
+        assert np.isfinite(lines[1][key]) and (key not in lines[0]) == ("--advantage" not in extra)
+    assert ("explained_var" in lines[0]) == ("--advantage" not in extra)
+    if "--kl_weight" in extra:
+        assert lines[1]["kl_ref"] >= 0
+    unet = UNet2DConditionModel.from_pretrained(run / "unet")  # plain diffusers, LoRA merged
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    assert [n for n, _ in unet.named_parameters()] == [n for n, _ in base.named_parameters()]
+    changed = [n for (n, p), q in zip(unet.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert changed and all("attn" in n for n in changed)
+    if not extra:
+        assert all("attn2." in n for n in changed)  # the tiny default: cross-attention only
+    from safetensors.torch import load_file
+
+    assert len(load_file(run / "critic.safetensors")) > 0
+    assert Image.open(run / "samples.png").width > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["rollouts"] == 8 and summary["step_efficiency"] > 0
+    assert summary["peak_memory_mb"] > 0
+    assert (summary["critic_explained_variance"] is None) == ("--advantage" in extra)
+
+
+def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
+    flags = ["--model", tiny_sd, *FAST, "--save_every", "1"]
+    rl_critic.main(rl_critic.parse_args(["--steps", "2", "--out_dir", str(tmp_path / "a"), *flags]))
+    rl_critic.main(rl_critic.parse_args(["--steps", "3", "--out_dir", str(tmp_path / "a"), "--resume", *flags]))
+    rl_critic.main(rl_critic.parse_args(["--steps", "3", "--out_dir", str(tmp_path / "b"), *flags]))
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same weights as the uninterrupted run
+    ca, cb = load_file(tmp_path / "a" / "critic.safetensors"), load_file(tmp_path / "b" / "critic.safetensors")
+    assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--advantage", "q"], "invalid choice: 'q'"),
+        (["--critic_input", "image"], "invalid choice: 'image'"),
+        (["--critic_timestep", "concat"], "invalid choice: 'concat'"),
+        (["--gae_lambda", "1.5"], "--gae_lambda must be in [0, 1] (got 1.5)"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--clip_range", "0"], "--clip_range must be > 0"),
+        (["--batch_size", "1"], "--batch_size must be >= 2"),
+        (["--train_fraction", "0"], "--train_fraction must be in (0, 1]"),
+        (["--train_params", "attn"], "invalid choice: 'attn'"),
+    ],
+)
+def test_bad_flags_give_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        rl_critic.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_unknown_concept_is_a_one_line_error(tiny_sd, tmp_path):
+    out = run_script(
+        ["--model", tiny_sd, "--concept", "a red bicycle", "--out_dir", str(tmp_path / "x"), *FAST], check=False
+    )
+    assert out.returncode == 2 and "error: concept 'a red bicycle'" in out.stderr and out.stderr.count("\n") == 1
