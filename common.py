@@ -808,10 +808,13 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
     return dict(step=meta["step"], extra=meta["extra"])
 
 
-def tiny_judge_accuracies(model: Model, unets: list, classes: list[str], n: int) -> list[dict]:
+def tiny_judge_accuracies(
+    model: Model, unets: list, classes: list[str], n: int, t_init: int | None = None
+) -> list[dict]:
     """Per UNet, the tiny judge's (data/tiny-classifier) top-1 accuracy on n images per class: prompt "an image of a
-    {class}", the evaluation seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5. A quick check of
-    forgetting for tests and sweeps; eval.py gives the full metrics. Returns [{class: accuracy}, ...]."""
+    {class}", the evaluation seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5 (with `t_init`: one
+    step, the UNets are one-step generators). A quick check of forgetting for tests and sweeps; eval.py gives the full
+    metrics. Returns [{class: accuracy}, ...]."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     judge_dir = os.path.join(ROOT, "data", "tiny-classifier")
@@ -824,7 +827,7 @@ def tiny_judge_accuracies(model: Model, unets: list, classes: list[str], n: int)
     out = []
     for unet in unets:
         with torch.no_grad():
-            images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet))
+            images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet, t_init=t_init))
             pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
         ok = (pred == labels).float().reshape(len(classes), n).mean(1)
         out.append(dict(zip(classes, ok.tolist())))

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import judge_accuracies
 
 import common
 import sfd
@@ -192,26 +193,6 @@ def test_bad_init_generator_is_one_line(tiny_model, tmp_path):
 # rounding (a per-class 15-point check on 16 images passed with 1 thread and failed with 2: garbage truck 0.94 -> 0.75).
 
 
-def one_step_accuracies(model, unets: list, classes: list, n: int) -> list[dict]:
-    """The tiny judge's top-1 accuracy on n one-step images per class (evaluation prompts and seeds)."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    judge_dir = os.path.join(common.ROOT, "data", "tiny-classifier")
-    judge = AutoModelForImageClassification.from_pretrained(judge_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(judge_dir, use_fast=False)
-    rows = {r["class"]: r for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))}
-    cond = common.encode_prompts(model, [rows[c]["prompt"] for c in classes for _ in range(n)])
-    z = common.initial_latents(model, [rows[c]["evaluation_seed"] + k for c in classes for k in range(n)])
-    labels = torch.tensor([judge.config.label2id[c] for c in classes for _ in range(n)])
-    out = []
-    for unet in unets:
-        with torch.no_grad():
-            images = common.decode(model, common.one_step(model, unet, cond, z, 625))
-            pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
-        out.append(dict(zip(classes, (pred == labels).float().reshape(len(classes), n).mean(1).tolist())))
-    return out
-
-
 def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
     """A default run (100 iterations) from the committed distilled generator: the judge must stop seeing churches in
     its one-step images while it still sees the other classes about as often as before. (A shorter run at lr 1e-3, 40
@@ -223,7 +204,7 @@ def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
     before = sfd.load_generator(model, sfd.TINY_GENERATOR).eval()
     after = sfd.load_generator(model, os.path.join(run, "unet")).eval()
     classes = [r["class"] for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))]
-    acc_before, acc_after = one_step_accuracies(model, [before, after], classes, n=24)  # one step each: cheap
+    acc_before, acc_after = judge_accuracies(model, [before, after], classes, n=24, t_init=625)  # one step: cheap
     print(f"judge accuracy before {acc_before}, after {acc_after}")
     others = [c for c in classes if c != "church"]
     kept_before = sum(acc_before[c] for c in others) / len(others)
