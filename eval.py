@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from collections import Counter
 from importlib import metadata
@@ -587,10 +588,15 @@ def main(args):
     cache = {}  # models and reference features, loaded or computed once for all PATHs
     rank = common.dist_info()[0]  # under torchrun every process generates its share; process 0 scores
     for job in jobs:
+        t0 = time.perf_counter()
         scan = job["scan"] or generate_run_images(job, args, device)
+        t_generate = time.perf_counter() - t0
         if rank != 0:
             continue
         metrics = score(job, scan, args, device, cache)
+        metrics["seconds"] = dict(generate=t_generate, score=time.perf_counter() - t0 - t_generate,
+                                  definition="wall clock of this PATH's image generation (0 for an image folder) "
+                                  "and of its scoring (first-time model loading included)")
         out = args.output or os.path.join(job["path"], "metrics.json")
         if os.path.dirname(out):
             os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -20,4 +20,4 @@ for seed in "${ABLATION_SEEDS[@]}"; do
   run_and_eval pure.py "$OUT" pure-norepair church "$seed" --repair_steps_per_cycle 0
   run_and_eval pure.py "$OUT" pure-nokl church "$seed" --kl_weight 0
 done
-python benchmark/collect.py "$OUT" --base "${BASE:-runs/bench/base}"
+table "$OUT" --base "${BASE:-runs/bench/base}"

@@ -16,4 +16,4 @@ for seed in "${SEEDS[@]}"; do
   for c in "${CLASSES[@]}"; do run_and_eval rl_critic.py "$OUT" rl_critic "$c" "$seed"; done
   run_and_eval rl_critic.py "$OUT" rl_critic-nocritic church "$seed" --advantage none
 done
-python benchmark/collect.py "$OUT" --base "${BASE:-runs/bench/base}"
+table "$OUT" --base "${BASE:-runs/bench/base}"

@@ -13,11 +13,16 @@ CLASSES=("church" "garbage truck" "parachute")
 SEEDS=(0 1 2)
 
 GEN=$BASE/generator
-[ -f "$GEN/summary.json" ] || python sfd.py --concept none --steps 0 --init_generator data/tiny-sd-generator --out_dir "$GEN"
+run_once sfd-base-generator "$GEN/summary.json" \
+  python sfd.py --concept none --steps 0 --init_generator data/tiny-sd-generator --out_dir "$GEN"
+while [ -z "${DRY_RUN:-}" ] && [ ! -f "$GEN/summary.json" ]; do  # the other copy is writing it (about a minute)
+  [ -d "$GEN/summary.json.lock" ] || { echo "sfd.sh: $GEN was not written" >&2; exit 1; }
+  sleep 10
+done
 for c in "${CLASSES[@]}"; do
-  [ -f "$BASE/${c// /_}.json" ] || python eval.py "$GEN" --forget_class "$c" --output "$BASE/${c// /_}.json"
+  run_once sfd-base-eval "$BASE/${c// /_}.json" python eval.py "$GEN" --forget_class "$c" --output "$BASE/${c// /_}.json"
 done
 for seed in "${SEEDS[@]}"; do
   for c in "${CLASSES[@]}"; do run_and_eval sfd.py "$OUT" sfd "$c" "$seed"; done
 done
-python benchmark/collect.py "$OUT" --base "$BASE"
+table "$OUT" --base "$BASE"

@@ -1,9 +1,13 @@
-"""benchmark/collect.py: run folders into the README's table (mean +- std over seeds, ratios to base, bars)."""
+"""benchmark/: collect.py's tables (mean +- std over seeds, ratios to base, bars, per run, step efficiency),
+time_to_forget.py's bookkeeping, tiny_table.sh's grid and estimate_time.py, eval.py's recorded time."""
 
 import json
 import os
+import subprocess
 import sys
+import time
 
+import pytest
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -33,3 +37,217 @@ def test_table_means_stds_ratios_and_bars(tmp_path, capsys):
     assert "| 1.30 +- 0.10 | 1.20 +- 0.00 | 101 +- 1 |" in rows["pure"] and rows["pure"].endswith("| met |")
     assert rows["pure-ga"].endswith("| **not met** |")  # RA 0.5 < 0.96 - 0.05, FID 4x base
     assert "| base model | garbage truck | - | 0.020 | 0.960 | 10.00 | 0.0100 |" in rows["base model"]
+
+
+def test_one_base_per_folder_and_runs_of_one_variant_from_two_folders(tmp_path, capsys):
+    base_a, base_b = tmp_path / "base_a", tmp_path / "base_b"
+    write(base_a / "church.json", dict(summary=dict(UA=0.0, RA=0.95, FID=10.0, KID=0.01)))
+    write(base_b / "church.json", dict(summary=dict(UA=0.1, RA=0.85, FID=20.0, KID=0.02)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "esd__church__s0" / "metrics.json", dict(summary=dict(UA=1.0, RA=0.95, FID=10.0, KID=0.01)))
+    write(b / "sfd__church__s0" / "metrics.json", dict(summary=dict(UA=1.0, RA=0.85, FID=30.0, KID=0.02)))
+    collect.main([str(a), str(b), "--base", str(base_a), str(base_b)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert sum(r.startswith("| base model | church |") for r in rows) == 2  # one base row per base folder
+    esd, sfd = next(r for r in rows if r.startswith("| esd")), next(r for r in rows if r.startswith("| sfd"))
+    assert "| 1.00 | 1.00 |" in esd and esd.endswith("| met |")
+    assert "| 1.50 | 1.00 |" in sfd and sfd.endswith("| met |")  # FID 30 vs its own base 20, not vs 10
+    with pytest.raises(SystemExit):  # 3 bases for 2 folders
+        collect.main([str(a), str(b), "--base", str(base_a), str(base_b), str(base_a)])
+    write(b / "esd__church__s0" / "metrics.json", dict(summary=dict(UA=1.0, RA=0.95, FID=10.0, KID=0.01)))
+    with pytest.raises(SystemExit):  # the same run (variant, concept, seed) in two folders
+        collect.main([str(a), str(b)])
+    assert "two folders" in capsys.readouterr().err
+
+
+def test_per_run_rows_show_each_runs_times_and_eval_seconds(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, sec in [(0, dict(generate=30.0, score=12.0, definition="...")), (1, None)]:
+        m = dict(summary=dict(UA=1.0, RA=0.9, FID=11.0, KID=0.01))
+        if sec:
+            m["seconds"] = sec
+        write(runs / f"fdiv-mse__parachute__s{seed}" / "metrics.json", m)
+        write(runs / f"fdiv-mse__parachute__s{seed}" / "summary.json", dict(wall_seconds=60.0 + seed, peak_memory_mb=9))
+    collect.main([str(runs), "--per_run"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0].startswith("| fdiv-mse | parachute | 0 |") and "| 60 | 42 |" in rows[0]
+    assert rows[1].startswith("| fdiv-mse | parachute | 1 |") and "| 61 | - |" in rows[1]
+
+
+def test_efficiency_table_flags_steps_above_the_bar_and_missing_ratios(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, eff in [("pure__church__s0", 1.0), ("pure__church__s1", 1.2), ("rl_critic__church__s0", 1.31)]:
+        write(runs / name / "summary.json", dict(step_efficiency=eff))
+        write(runs / name / "args.json", dict(method=name.split("__")[0]))
+    write(runs / "generator" / "summary.json", dict(wall_seconds=3.0))  # no ratio (0 steps), any folder name
+    write(runs / "generator" / "args.json", dict(method="sfd"))
+    write(runs / "untrained__church__s0" / "args.json", dict(method="pure"))  # no summary.json: not a finished run
+    collect.main([str(runs), "--efficiency"])
+    rows = {r.split(" | ")[1]: r for r in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"pure", "rl_critic", "generator"}
+    assert rows["pure"] == "| pure.py | pure | 2 | 1.10 +- 0.14 | 1.00 | 1.20 | no |"
+    assert rows["rl_critic"].endswith("| 1.31 | 1.31 | **1 of 1** |")
+    assert rows["generator"].endswith("| n/a | n/a | no; 1 without the ratio |")
+
+
+# ---------------------------------------------------------------- time to forget
+
+import time_to_forget as ttf  # noqa: E402
+
+FAKE_METHOD = """
+import argparse
+import os
+
+import torch
+
+import common
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser()
+    for flag in ["--concept", "--out_dir"]:
+        p.add_argument(flag)
+    for flag in ["--seed", "--sample_every", "--save_every", "--log_every"]:
+        p.add_argument(flag, type=int, default=1)
+    p.add_argument("--steps", type=int, default=6)
+    return p.parse_args(argv)
+
+
+def main(args):
+    os.makedirs(args.out_dir)
+    unet = torch.nn.Linear(1, 1)
+    for step in range(args.steps):
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            common.log_metrics(args.out_dir, done, dict(sec_per_step=0.5))
+        if done % args.save_every == 0 and done < args.steps:
+            common.save_unet(unet, os.path.join(args.out_dir, "unet"))
+            common.save_checkpoint(args.out_dir, done, {}, {})
+    common.save_unet(unet, os.path.join(args.out_dir, "unet"))
+    common.save_checkpoint(args.out_dir, args.steps, {}, {})
+"""
+
+
+def fake_judge(concept_accuracies: list, seconds: float):
+    """common.tiny_judge_accuracies stand-in: the concept's accuracy from the list in turn (float32 like the judge's),
+    0.9 for other classes; each call takes `seconds`."""
+    import torch
+
+    def judge(model, unets, classes, n, t_init=None):
+        time.sleep(seconds)
+        if len(classes) == 1:
+            return [{classes[0]: float(torch.tensor(concept_accuracies.pop(0), dtype=torch.float32))}]
+        return [dict.fromkeys(classes, 0.9)]
+
+    return judge
+
+
+def ttf_args(tmp_path, **kw):
+    return ttf.parse_args(["--concept", "church", "--out", str(tmp_path / "out"), *kw.get("argv", [])])
+
+
+def test_time_to_forget_stops_at_the_first_checkpoint_at_the_bar_and_excludes_judging(tmp_path, monkeypatch):
+    (tmp_path / "fake_method.py").write_text(FAKE_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ttf.METHODS, "fake", ("fake_method", [], 2, "steps"))
+    # accuracy 0.05 = 1 in 20 images: UA exactly 0.95 although the float32 mean gives 0.94999999...
+    monkeypatch.setattr(ttf.common, "tiny_judge_accuracies", fake_judge([0.5, 0.05, 0.0], seconds=0.3))
+    saved = ttf.common.save_unet
+    r = ttf.run_method("fake", ttf_args(tmp_path), judge_model=None)
+    assert ttf.common.save_unet is saved  # restored
+    assert [c["step"] for c in r["curve"]] == [2, 4] and r["reached"]["step"] == 4  # stopped there: step 6 not judged
+    assert r["reached"]["UA"] == 0.95 and r["reached"]["RA"] == pytest.approx(0.9)
+    assert r["reached"]["train_seconds"] == pytest.approx(4 * 0.5)  # the script's own per-step timers, 4 steps
+    assert r["reached"]["wall_seconds"] < 0.3  # the 0.3 s judge at step 2 is not counted
+    assert not os.path.exists(tmp_path / "out" / "fake__church__s0" / "unet")  # the judge replaced the saving
+
+
+def test_time_to_forget_reports_a_bar_not_reached_and_ratios_to_esd(tmp_path, monkeypatch):
+    (tmp_path / "fake_method.py").write_text(FAKE_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ttf.METHODS, "fake", ("fake_method", [], 2, "steps"))
+    monkeypatch.setattr(ttf.common, "tiny_judge_accuracies", fake_judge([0.9, 0.5, 0.3], seconds=0.0))
+    never = ttf.run_method("fake", ttf_args(tmp_path), judge_model=None)
+    assert never["reached"] is None and [c["step"] for c in never["curve"]] == [2, 4, 6]
+    esd = dict(never, reached=dict(step=20, UA=1.0, RA=0.9, train_seconds=10.0, wall_seconds=20.0), unit="steps")
+    fast = dict(never, reached=dict(step=10, UA=0.95, RA=0.8, train_seconds=5.0, wall_seconds=15.0), unit="steps")
+    rows = ttf.table(dict(esd=esd, fast=fast, never=never)).splitlines()[2:]
+    assert rows[1] == "| fast | 10 steps | 5 | 15 | 0.50 | 0.75 | 0.95 | 0.80 | 0.70 (step 6) |"
+    assert rows[2] == "| never | not reached in 6 steps | - | - | - | - | - | - | 0.70 (step 6) |"
+
+
+def test_loop_seconds_sums_the_logged_windows_and_needs_a_line_at_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "".join(json.dumps(dict(step=s, sec_per_step=t)) + "\n" for s, t in [(10, 0.5), (20, 1.0), (25, 2)])
+    )
+    assert ttf.loop_seconds(str(path), 20) == pytest.approx(10 * 0.5 + 10 * 1.0)
+    assert ttf.loop_seconds(str(path), 25) == pytest.approx(15 + 5 * 2)
+    with pytest.raises(ValueError, match="no line for step 15"):
+        ttf.loop_seconds(str(path), 15)
+
+
+def test_time_to_forget_rejects_bad_flags(capsys):
+    for argv in (["--concept", "dragon"], ["--steps", "esd"], ["--steps", "nope=10"], ["--n_judge", "0"]):
+        with pytest.raises(SystemExit):
+            ttf.parse_args(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the whole table and its time estimate
+
+import estimate_time  # noqa: E402
+
+
+def test_tiny_table_covers_every_method_x_3_classes_x_3_seeds():
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmark", "tiny_table.sh")],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    jobs = estimate_time.read_jobs(out.splitlines())
+    grid = {}
+    for j in jobs:
+        if j["kind"] == "run":
+            variant, concept, seed = os.path.basename(j["folder"]).split("__")
+            grid.setdefault(variant, set()).add((concept, seed))
+    full = {(c, f"s{s}") for c in ("church", "garbage_truck", "parachute") for s in range(3)}
+    for variant in ("esd", "fdiv-hellinger", "fdiv-mse", "fdiv-pearson_chi2", "pure", "sfd", "rl_critic"):
+        assert grid[variant] == full, variant
+    assert sum(j["kind"] == "base-eval" for j in jobs) == 3 and sum(j["kind"] == "sfd-base-eval" for j in jobs) == 3
+
+
+def test_estimate_counts_each_job_once_and_schedules_two_lanes(tmp_path):
+    lines = [
+        "once base-eval runs/bench/base/church.json",
+        "run fdiv.py esd church 0 runs/bench/fdiv/esd__church__s0",
+        "run fdiv.py esd church 0 runs/bench/fdiv/esd__church__s0",  # fdiv.sh lists some runs twice
+        "once base-eval runs/bench/base/church.json",
+    ]
+    assert [j["kind"] for j in estimate_time.read_jobs(lines)] == ["base-eval", "run"]
+    with pytest.raises(SystemExit):
+        estimate_time.read_jobs(["python eval.py tiny"])
+    assert estimate_time.lanes_makespan([4, 1, 1, 1, 1], 2) == 4
+    assert estimate_time.lanes_makespan([1, 1, 4], 2) == 5  # the lanes take jobs in the script's order
+    run = tmp_path / "esd__church__s1"
+    write(run / "summary.json", dict(wall_seconds=80.0))
+    write(run / "args.json", dict(method="fdiv"))
+    write(run / "metrics.json", dict(summary={}, seconds=dict(generate=100.0, score=20.0)))
+    measured = estimate_time.read_measured([str(run)])
+    job = estimate_time.read_jobs(["run fdiv.py esd church 2 runs/bench/fdiv/esd__church__s2"])[0]
+    assert estimate_time.job_seconds(job, measured) == (80.0, 120.0, "same variant")
+    base = estimate_time.read_jobs(["once base-eval runs/bench/base/church.json"])[0]
+    assert estimate_time.job_seconds(base, measured) == (0.0, 120.0, "eval.py only")
+
+
+def test_eval_records_its_own_generation_and_scoring_time(tmp_path):
+    import eval as evaluate
+    from data import pictonette
+
+    folder = tmp_path / "real"
+    pictonette.write_folder(str(folder), 1, 1000)
+    evaluate.main(evaluate.parse_args([str(folder), "--metrics", "ua", "--device", "cpu"]))
+    sec = json.load(open(folder / "metrics.json"))["seconds"]
+    assert sec["generate"] < 1 and sec["score"] > 0  # an image folder: nothing generated
