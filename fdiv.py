@@ -69,7 +69,9 @@ WORLD_DEFAULTS = {
     "tiny": dict(lr=1e-3, batch_size=16, gen_steps=25, gradient_checkpointing=False),
     "sd": dict(lr=1e-5, batch_size=4, gen_steps=50, gradient_checkpointing=True),
 }
-# Per Imagenette class: (SD anchor word, tiny-world anchor word).
+# Per Imagenette class: (SD anchor word, tiny-world anchor word). Tiny world: another class; for garbage truck
+# cassette player, picked from 8 anchors by a sweep (README): the first choice, gas pump, cost tench, chain saw and
+# cassette player 6-12 points each.
 ANCHORS = {
     "tench": ("fish", "English springer"),
     "English springer": ("dog", "tench"),
@@ -77,7 +79,7 @@ ANCHORS = {
     "chain saw": ("tool", "cassette player"),
     "church": ("building", "gas pump"),
     "French horn": ("trumpet", "golf ball"),
-    "garbage truck": ("truck", "gas pump"),
+    "garbage truck": ("truck", "cassette player"),
     "gas pump": ("machine", "church"),
     "golf ball": ("ball", "French horn"),
     "parachute": ("kite", "garbage truck"),

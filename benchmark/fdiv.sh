@@ -3,7 +3,7 @@
 # classes x 3 seeds; then on church, seed 0: mse, pearson_chi2, ESD (--anchor esd --divergence mse) and one
 # variational Jensen-Shannon run; then the rest of the mse / pearson_chi2 / ESD grid (3 classes x 3 seeds for the
 # divergences, church x 3 seeds for ESD, then ESD on garbage truck and parachute x 3 seeds); then garbage truck with
-# the anchor church. eval.py on every run, then the README's table. Restartable: finished runs and evaluations are
+# other anchors. eval.py on every run, then the README's table. Restartable: finished runs and evaluations are
 # skipped, a stopped run resumes from its checkpoint.
 #   bash benchmark/fdiv.sh          (from the repository root)
 set -euo pipefail
@@ -32,8 +32,10 @@ done
 for seed in "${SEEDS[@]}"; do
   for c in "garbage truck" "parachute"; do run_and_eval fdiv.py "$OUT" esd "$c" "$seed" --anchor esd --divergence mse; done
 done
-# garbage truck with another anchor (church instead of gas pump), and with 300 steps
+# garbage truck with other anchors than its default (cassette player): gas pump (the first default), church, and
+# church with 300 steps
 for seed in "${SEEDS[@]}"; do
+  run_and_eval fdiv.py "$OUT" fdiv-hellinger-anchor_gas_pump "garbage truck" "$seed" --anchor "gas pump"
   run_and_eval fdiv.py "$OUT" fdiv-hellinger-anchor_church "garbage truck" "$seed" --anchor church
 done
 run_and_eval fdiv.py "$OUT" fdiv-hellinger-anchor_church-300steps "garbage truck" 0 --anchor church --steps 300
