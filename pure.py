@@ -27,8 +27,10 @@ layers only (training the full UNet, as SalUn does, also forgot church but cut t
 every class shares). On the committed build: --train_params xattn-kv (only to_k and to_v of the cross-attention, as
 ESD's and f-DMU's code train; what the UNet does with an image is left alone and only what the text asks for
 changes): on seed 0 church was judged as itself in 0 of 20 images with the other classes kept, where all of the
-cross-attention (xattn) reached UA 0.86. It is not reliable: over seeds 0-2 eval.py measured church UA 0.88, 0.32
-and 0.02, and garbage truck, parachute and French horn are forgotten far less (README).
+cross-attention (xattn) reached UA 0.86. At lr 3e-4 that was not reliable (eval.py, seeds 0-2: church UA 0.88, 0.32,
+0.02), so the tiny lr is now 1e-3: the judge saw church in 0, 1 and 18 of 20 images on seeds 0-2 (the third seed
+still fails), and on seed 0 it forgets English springer and chain saw too, but garbage truck, parachute, golf ball
+and cassette player only in part (README).
 
 Stable Diffusion (one GPU, bf16 autocast for the frozen models, fp32 trained UNet, gradient checkpointing):
     python pure.py --concept church --model CompVis/stable-diffusion-v1-4 --steps 100
@@ -55,7 +57,7 @@ import common
 
 # Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
 WORLD_DEFAULTS = {
-    "tiny": dict(lr=3e-4, batch_size=16, beta=10.0, gen_steps=25, num_retain_samples=90, gradient_checkpointing=False),
+    "tiny": dict(lr=1e-3, batch_size=16, beta=10.0, gen_steps=25, num_retain_samples=90, gradient_checkpointing=False),
     "sd": dict(lr=1e-5, batch_size=4, beta=500.0, gen_steps=50, num_retain_samples=50, gradient_checkpointing=True),
 }
 
@@ -75,7 +77,7 @@ def parse_args(argv=None):
         "CompVis/stable-diffusion-v1-4, or a local diffusers folder",
     )
     p.add_argument("--steps", type=int, default=100, help="forget steps (repair steps come on top)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: tiny 3e-4, sd 1e-5)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: tiny 1e-3, sd 1e-5)")
     p.add_argument(
         "--batch_size",
         type=int,
