@@ -84,6 +84,9 @@ def parse_args(argv=None):
         default=None,
         help="forget images per step, and as many retain images (default: tiny 16, sd 4)",
     )
+    p.add_argument(
+        "--lr_warmup", type=int, default=0, help="updates over which the learning rate rises linearly to --lr (0: none)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy, torch and the cached sets")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument(
@@ -182,7 +185,14 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ["sample_every", "repair_steps_per_cycle", "save_every", "kl_weight", "repair_denoise_weight"]:
+    for name in [
+        "sample_every",
+        "repair_steps_per_cycle",
+        "save_every",
+        "kl_weight",
+        "repair_denoise_weight",
+        "lr_warmup",
+    ]:
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
     for name in ["lr", "beta"]:
@@ -416,6 +426,8 @@ def main(args):
         j_f, j_r = torch.randint(n_f, (B,)), torch.randint(n_r, (B,))  # batches of the cached sets
         x_f, c_f = sets["x_f"][j_f], states_f[sets["i_f"][j_f]]
         x_r, c_r = sets["x_r"][j_r], states_r[sets["i_r"][j_r]]
+        for group in opt.param_groups:  # linear warm-up, from the update index alone (--resume needs no state)
+            group["lr"] = args.lr * min(1.0, (update + 1) / args.lr_warmup) if args.lr_warmup else args.lr
         loss, stats = pure_step(unet, model.unet, model.scheduler, phase, x_f, c_f, x_r, c_r, args, weights)
         common.check_finite(loss, update + 1)
         opt.zero_grad(set_to_none=True)
@@ -430,6 +442,7 @@ def main(args):
             values = dict(
                 phase=phase,
                 forget_step=plan[:done].count("forget"),
+                lr=opt.param_groups[0]["lr"],
                 **{k: v.item() for k, v in stats.items()},
                 sec_per_step=step_time / window,
             )

@@ -202,6 +202,8 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path):
             "1",
             "--repair_steps_per_cycle",
             "1",
+            "--lr_warmup",
+            "4",
             "--out_dir",
             str(run),
             *FAST,
@@ -214,6 +216,7 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path):
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4]
     assert [ln["phase"] for ln in lines] == ["forget", "repair", "forget", "repair"]
+    assert [ln["lr"] for ln in lines] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # --lr_warmup 4
     assert all(np.isfinite(ln["loss"]) and ln["sec_per_step"] > 0 for ln in lines)
     unet = UNet2DConditionModel.from_pretrained(run / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
@@ -261,6 +264,7 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
     [
         (["--steps", "0"], "--steps must be >= 1"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--lr_warmup", "-5"], "--lr_warmup must be >= 0"),
         (["--forget_loss", "dpo"], "invalid choice: 'dpo'"),
         (["--kl_weighting", "snr"], "invalid choice: 'snr'"),
         (["--repair_steps_per_cycle", "-2"], "--repair_steps_per_cycle must be >= 0"),
