@@ -28,9 +28,10 @@ every class shares). On the committed build: --train_params xattn-kv (only to_k 
 ESD's and f-DMU's code train; what the UNet does with an image is left alone and only what the text asks for
 changes): on seed 0 church was judged as itself in 0 of 20 images with the other classes kept, where all of the
 cross-attention (xattn) reached UA 0.86. At lr 3e-4 that was not reliable (eval.py, seeds 0-2: church UA 0.88, 0.32,
-0.02), so the tiny lr is now 1e-3: the judge saw church in 0, 1 and 18 of 20 images on seeds 0-2 (the third seed
-still fails), and on seed 0 it forgets English springer and chain saw too, but garbage truck, parachute, golf ball
-and cassette player only in part (README).
+0.02), so the tiny lr is now 1e-3: eval.py over seeds 0-2 measured UA 0.96, 0.90, 0.08 (church), 0.94, 0.78, 0.02
+(English springer) and 1.00, 1.00, 0.18 (chain saw). Seed 2's training randomness (batches, t, noise; not its cached
+sets) never forgets, and garbage truck, parachute, golf ball and cassette player are forgotten only in part on seed
+0 (README).
 
 Stable Diffusion (one GPU, bf16 autocast for the frozen models, fp32 trained UNet, gradient checkpointing):
     python pure.py --concept church --model CompVis/stable-diffusion-v1-4 --steps 100
