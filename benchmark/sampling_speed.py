@@ -50,7 +50,6 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="model to sample (tiny, hub id, folder)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64], help="images per batch (64: the default)")
-    p.add_argument("--batch_size", type=int, default=None, help="one batch size (the same as --batch_sizes N)")
     p.add_argument("--images", type=int, default=None, help="images per timed round (default: max(batch, 8))")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of each sampler (alternating)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
@@ -60,8 +59,6 @@ def parse_args(argv=None):
     for name in ("images", "repeats", "steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    if args.batch_size is not None:
-        args.batch_sizes = [args.batch_size]
     if min(args.batch_sizes) < 1:
         p.error(f"--batch_sizes must be >= 1 (got {args.batch_sizes})")
     return args
