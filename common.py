@@ -840,7 +840,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unet_pass_seconds(model: Model, passes: list, repeats: int = 3) -> float:
+def unet_pass_seconds(model: Model, passes: list, repeats: int = 3, warmup: bool = True) -> float:
     """Wall time of the UNet calls one training step makes, alone: the denominator of a step's efficiency.
 
     passes: [(unet, batch, backward), ...]; a pass with backward=True is a forward and a backward through a trained
@@ -868,7 +868,8 @@ def unet_pass_seconds(model: Model, passes: list, repeats: int = 3) -> float:
                 out.float().square().mean().backward()
         sync(model.device)
 
-    run()  # warm-up (allocations, kernel selection)
+    if warmup:
+        run()  # allocations, kernel selection
     t0 = time.perf_counter()
     for _ in range(repeats):
         run()
@@ -878,6 +879,36 @@ def unet_pass_seconds(model: Model, passes: list, repeats: int = 3) -> float:
             for p in unet.parameters():
                 p.grad = None
     return seconds
+
+
+class UNetPassClock:
+    """The denominator of a step's efficiency, timed while the run trains, between its steps.
+
+    pass_sets: {name: passes} (see unet_pass_seconds), e.g. one set per kind of step. About `samples` times per run
+    (every steps // samples steps) `tick` times one repetition of every set, outside the step's own timing; `seconds`
+    is a set's mean. Timed only once at the end of a run, the ratio swung from 0.4 to 1.4 when other jobs shared the
+    CPU: the step and its UNet passes must be timed under the same load. Costs about 1/samples of the UNet time.
+    """
+
+    def __init__(self, model: Model, pass_sets: dict, steps: int, samples: int = 10):
+        self.model, self.pass_sets = model, pass_sets
+        self.every = max(1, steps // samples)
+        self.times = {name: [] for name in pass_sets}
+
+    def tick(self, step: int) -> None:
+        """Call after step `step` (0-based, counted from the run's start) has been timed."""
+        if step % self.every == 0:
+            self.measure()
+
+    def measure(self) -> None:
+        for name, passes in self.pass_sets.items():
+            first = not self.times[name]
+            self.times[name].append(unet_pass_seconds(self.model, passes, repeats=1, warmup=first))
+
+    def seconds(self, name: str) -> float:
+        if not self.times[name]:  # no step ran in this process (e.g. resumed at the end): time them now
+            self.measure()
+        return sum(self.times[name]) / len(self.times[name])
 
 
 def peak_memory_mb(device: torch.device) -> float:

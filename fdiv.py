@@ -415,6 +415,14 @@ def main(args):
             seed=args.seed,
         )
 
+    # The UNet passes a step needs, timed between steps (the denominator of the step efficiency in summary.json): one
+    # trained forward+backward and one frozen forward on B images, doubled for esd; plus one trained pass with the
+    # prior loss. The discriminator of --variational is overhead, not counted.
+    passes = [(unet, B, True), (model.unet, 2 * B if esd else B, False)]
+    if args.prior_loss_weight > 0:
+        passes.append((unet, B, True))
+    clock = common.UNetPassClock(model, {"step": passes}, args.steps - start)
+
     # ALGO LOGIC: the training loop
     step_time, window, train_time = 0.0, 0, 0.0
     for step in tqdm(range(start, args.steps), desc="fdiv", initial=start, total=args.steps):
@@ -462,6 +470,7 @@ def main(args):
         stats = {k: v.item() for k, v in stats.items()}  # synchronises the device before the clock stops
         dt = time.perf_counter() - t0
         step_time, window, train_time = step_time + dt, window + 1, train_time + dt
+        clock.tick(step - start)
 
         # PLUMBING: logging, samples, checkpoints
         done = step + 1
@@ -477,12 +486,8 @@ def main(args):
     save(args.steps)
     samples()
 
-    # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs (one trained
-    # forward+backward and one frozen forward on B images, doubled for esd; plus one trained pass with prior loss).
-    passes = [(unet, B, True), (model.unet, 2 * B if esd else B, False)]
-    if args.prior_loss_weight > 0:
-        passes.append((unet, B, True))
-    unet_time = (args.steps - start) * common.unet_pass_seconds(model, passes)
+    # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs (the clock above).
+    unet_time = (args.steps - start) * clock.seconds("step")
     summary = dict(
         wall_seconds=time.perf_counter() - t_start,
         cached_sets_seconds=t_sets,

@@ -419,6 +419,19 @@ def main(args):
             seed=args.seed,
         )
 
+    # The UNet passes an update needs (one forward+backward of the trained UNet and one forward of the reference, on 2B
+    # images for a forget update with the trust region, on B otherwise), timed between updates: the denominator of
+    # the step efficiency in summary.json.
+    b_forget = 2 * B if args.kl_weight > 0 else B
+    clock = common.UNetPassClock(
+        model,
+        {
+            "forget": [(unet, b_forget, True), (model.unet, b_forget, False)],
+            "repair": [(unet, B, True), (model.unet, B, False)],
+        },
+        len(plan) - start,
+    )
+
     # ALGO LOGIC: alternating forget / repair updates
     step_time, window, train_time = 0.0, 0, 0.0
     for update in tqdm(range(start, len(plan)), desc="pure", initial=start, total=len(plan)):
@@ -436,6 +449,7 @@ def main(args):
         opt.step()
         dt = time.perf_counter() - t0  # the finiteness check above synchronised the device
         step_time, window, train_time = step_time + dt, window + 1, train_time + dt
+        clock.tick(update - start)
 
         # PLUMBING: logging, samples, checkpoints
         done = update + 1
@@ -460,14 +474,9 @@ def main(args):
     save(len(plan))
     samples()
 
-    # PLUMBING: timing summary. Efficiency = time per update / time of the UNet passes that update needs (one
-    # forward+backward of the trained UNet and one forward of the reference, on 2B images for a forget step with the
-    # trust region, on B otherwise), measured here, in the same process.
+    # PLUMBING: timing summary. Efficiency = time per update / time of the UNet passes that update needs.
     n_forget, n_repair = plan[start:].count("forget"), plan[start:].count("repair")
-    b_forget = 2 * B if args.kl_weight > 0 else B
-    unet_time = n_forget * common.unet_pass_seconds(model, [(unet, b_forget, True), (model.unet, b_forget, False)])
-    if n_repair:
-        unet_time += n_repair * common.unet_pass_seconds(model, [(unet, B, True), (model.unet, B, False)])
+    unet_time = n_forget * clock.seconds("forget") + (n_repair * clock.seconds("repair") if n_repair else 0.0)
     summary = dict(
         wall_seconds=time.perf_counter() - t_start,
         cached_sets_seconds=t_sets,

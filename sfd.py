@@ -394,6 +394,13 @@ def main(args):
     coef = torch.tensor([args.retain_coef] * B + [args.forget_coef] * n_f, device=model.device)  # (B + n_f,)
     shape, T, n = model.latent_shape, (args.t_min, args.t_max + 1), B + n_f
 
+    # The UNet passes a step needs, timed between steps (the denominator of the step efficiency in summary.json):
+    # generator forward (n) and forward+backward (n); fake score forward+backward on the doubled CFG batch (2n)
+    # twice, once for its loss and once for the generator's; the teacher's forward+backward to its input (2n), timed
+    # on the fake score, the same network (a pass through weights that need no gradient is not cheaper on the CPU).
+    passes = [(gen, n, False), (gen, n, True), (fake, 2 * n, True), (fake, 2 * n, True), (fake, 2 * n, True)]
+    clock = common.UNetPassClock(model, {"step": passes}, args.steps - start)
+
     # ALGO LOGIC: the training loop, alternating fake-score and generator updates (as the official training loop)
     step_time, window, train_time = 0.0, 0, 0.0
     for step in tqdm(range(start, args.steps), desc="sfd", initial=start, total=args.steps):
@@ -440,6 +447,9 @@ def main(args):
         stats = {k: v.item() for k, v in stats.items()}  # synchronises the device before the clock stops
         dt = time.perf_counter() - t0
         step_time, window, train_time = step_time + dt, window + 1, train_time + dt
+        fake.requires_grad_(True)  # the clock's backward passes need the fake score's gradient, as step 1 does
+        clock.tick(step - start)
+        fake.requires_grad_(False)
 
         # PLUMBING: logging, samples, checkpoints
         done = step + 1
@@ -455,13 +465,9 @@ def main(args):
     save(args.steps)
     samples()
 
-    # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs: generator forward
-    # (n) and forward+backward (n); fake score forward+backward on the doubled CFG batch (2n) twice, once for its
-    # loss and once for the generator's; the teacher's forward+backward to its input (2n), timed on the fake score,
-    # the same network (a pass through weights that need no gradient is not cheaper on the CPU).
-    passes = [(gen, n, False), (gen, n, True), (fake, 2 * n, True), (fake, 2 * n, True), (fake, 2 * n, True)]
+    # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs (the clock above).
     fake.requires_grad_(True)
-    unet_time = (args.steps - start) * common.unet_pass_seconds(model, passes)
+    unet_time = (args.steps - start) * clock.seconds("step")
     gen.eval()
     one_step_s, teacher_s = seconds_per_image(model, gen, args.t_init), seconds_per_image(model, teacher, None)
     summary = dict(

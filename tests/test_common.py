@@ -1,5 +1,6 @@
 """common.py: loading, the sampler against diffusers, the DDIM log-probability, generation, run folders."""
 
+import copy
 import json
 import os
 import subprocess
@@ -344,3 +345,18 @@ def test_one_step_generator_is_the_schedulers_pred_original_sample(tiny_model):
         expected = ddpm.step(eps, 625, x_init).pred_original_sample
         assert torch.allclose(x_g, expected, atol=1e-5)
         assert torch.equal(common.sample(tiny_model, cond, z, steps=25, guidance=7.5, t_init=625), x_g)
+
+
+def test_unet_pass_clock_times_between_steps_and_leaves_the_model_alone(tiny_model):
+    unet = copy.deepcopy(tiny_model.unet).requires_grad_(True)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    clock = common.UNetPassClock(tiny_model, {"a": [(unet, 2, True)], "b": [(tiny_model.unet, 2, False)]}, 10, 5)
+    assert clock.every == 2
+    for step in range(10):
+        clock.tick(step)
+    assert [len(v) for v in clock.times.values()] == [5, 5]  # steps 0, 2, 4, 6, 8
+    assert clock.seconds("a") == sum(clock.times["a"]) / 5 > 0
+    assert all(p.grad is None for p in unet.parameters())  # the clock's backward leaves no gradient behind
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    idle = common.UNetPassClock(tiny_model, {"a": [(unet, 1, False)]}, 0)  # no step ran: timed on demand
+    assert idle.seconds("a") > 0 and len(idle.times["a"]) == 1
