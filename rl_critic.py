@@ -149,6 +149,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping of the policy")
     p.add_argument("--kl_weight", type=float, default=0.0, help="weight of KL(pi_theta || pi_ref) on retain prompts")
+    p.add_argument(
+        "--forget_kl_weight",
+        type=float,
+        default=0.0,
+        help="weight of KL(pi_theta(. | c_f) || pi_ref(. | empty prompt)) on forget prompts: a trust region toward "
+        "what the reference draws with no prompt",
+    )
     p.add_argument("--forget_fraction", type=float, default=0.5, help="fraction of each batch given forget prompts")
     p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps of a rollout (tiny 10, sd 20)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of rollouts (> 0: a stochastic policy)")
@@ -174,7 +181,7 @@ def parse_args(argv=None):
     for name in ["critic_width", "critic_epochs", "per_prompt_buffer"]:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ["sample_every", "save_every", "kl_weight", "critic_warmup", "lora_rank"]:
+    for name in ["sample_every", "save_every", "kl_weight", "forget_kl_weight", "critic_warmup", "lora_rank"]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
     for name in ["lr", "critic_lr", "clip_range", "adv_clip", "max_grad_norm", "eta"]:
@@ -524,6 +531,25 @@ def main(args):
             seed=args.seed,
         )
 
+    # The UNet passes an iteration needs, timed between iterations (the denominator of the step efficiency in
+    # summary.json): a guided forward of B latents per rollout step; a guided forward/backward of a minibatch per
+    # policy-loss step; the reference's forwards for --critic_input clean and --kl_weight.
+    mb_size = math.ceil(B / args.num_minibatches)
+    pass_sets = {"rollout": [(unet, 2 * B, False)], "update": [(unet, 2 * mb_size, True)]}
+    if args.critic_input == "clean":
+        pass_sets["clean"] = [(model.unet, B, False)]
+    n_kl = (B - n_forget if args.kl_weight else 0) + (n_forget if args.forget_kl_weight else 0)
+    if n_kl:
+        pass_sets["kl"] = [(model.unet, 2 * n_kl, False)]
+    clock = common.UNetPassClock(model, pass_sets, args.steps - start)
+    phases = dict(rollout=0.0, reward=0.0, critic=0.0, kl_reference=0.0, policy=0.0)  # seconds, for summary.json
+
+    def lap(name: str, since: float) -> float:
+        common.sync(model.device)
+        now = time.perf_counter()
+        phases[name] += now - since
+        return now
+
     # ALGO LOGIC: the training loop
     iter_time, window, train_time, ev_log = 0.0, 0, 0.0, []
     for step in tqdm(range(start, args.steps), desc="rl_critic", initial=start, total=args.steps):
@@ -542,6 +568,7 @@ def main(args):
                 model, cond, z_T, T, args.guidance, args.eta, unet=unet, generator=gen, return_trajectory=True
             )
         lat, old_logp = traj["latents"].float(), traj["log_probs"].float()  # (T+1, B, 4, h, w) x_T..x_0, (T, B)
+        t_lap = lap("rollout", t0)
         # 2. rewards on the decoded final image
         p = reward_model.probs(common.decode(model, lat[-1]))  # (B, K)
         own = torch.tensor(
@@ -549,6 +576,7 @@ def main(args):
         )
         p_own = p[torch.arange(B), own.to(p.device)].float().cpu()
         rewards = torch.where(is_forget, -p_own, p_own)  # forget: -p(concept); retain: p(own class)
+        t_lap = lap("reward", t_lap)
         # 3. critic values at the states before each action, advantages, then the critic's own fit
         t_flat = timesteps.repeat_interleave(B).to(model.device)  # (T*B,)
         x_flat = lat[:-1].reshape(T * B, *lat.shape[2:])
@@ -589,21 +617,28 @@ def main(args):
         else:
             adv = stats_tracker([all_prompts[i] for i in idx.tolist()], rewards)[None].expand(T, B)
         adv = normalize(adv, is_forget, args.adv_clip)
+        t_lap = lap("critic", t_lap)  # with --critic_input clean this includes the reference's passes
         # 4. PPO on the stored trajectories (skipped while the critic warms up)
-        kl_ref = None
-        if args.kl_weight > 0:  # the reference's guided eps on retain states, fixed for this batch
+        # The reference's eps for the trust regions, fixed for this batch: guided, on the retain prompt (--kl_weight);
+        # with the empty prompt on forget states (--forget_kl_weight; the guidance formula then gives eps(x, "")).
+        kl_w = torch.where(is_forget, args.forget_kl_weight, args.kl_weight).float()  # (B,) per-row KL weight
+        kl_rows, kl_ref = kl_w > 0, None
+        if kl_rows.any():
+            n_rows = int(kl_rows.sum())
+            cond_ref = torch.where(is_forget[:, None, None].to(cond.device), uncond.expand(B, -1, -1), cond)
             with torch.no_grad(), common.autocast(model.device, model.dtype):
                 kl_ref = [
                     common.cfg_eps(
                         model.unet,
-                        lat[k][~is_forget].to(model.dtype),
-                        torch.full((int((~is_forget).sum()),), int(timesteps[k]), device=model.device),
-                        cond[~is_forget],
-                        uncond.expand(int((~is_forget).sum()), -1, -1),
+                        lat[k][kl_rows].to(model.dtype),
+                        torch.full((n_rows,), int(timesteps[k]), device=model.device),
+                        cond_ref[kl_rows],
+                        uncond.expand(n_rows, -1, -1),
                         args.guidance,
                     ).float()
                     for k in range(T_train)
                 ]
+        t_lap = lap("kl_reference", t_lap)
         update = args.advantage == "none" or step >= args.critic_warmup
         unet.train()
         logs = []
@@ -626,12 +661,17 @@ def main(args):
                     )
                     loss, info = ppo_loss(logp, old_logp[k, mb], adv[k, mb].to(logp.device), args.clip_range)
                     if kl_ref is not None:
-                        keep = ~is_forget[mb]
+                        keep = kl_rows[mb]
+                        kl = torch.zeros(len(mb), device=eps.device)
                         if keep.any():
-                            pos = torch.cumsum(~is_forget, 0)[mb[keep]] - 1  # rows of kl_ref[k]
-                            kl = kernel_kl(model.scheduler, eps[keep], kl_ref[k][pos], t_k, T, args.eta).mean()
-                            loss = loss + args.kl_weight * kl * keep.float().mean()
-                            info["kl_ref"] = kl.detach()
+                            pos = torch.cumsum(kl_rows, 0)[mb[keep]] - 1  # rows of kl_ref[k]
+                            kl[keep.to(eps.device)] = kernel_kl(
+                                model.scheduler, eps[keep], kl_ref[k][pos], t_k, T, args.eta
+                            )
+                            loss = loss + (kl_w[mb].to(kl.device) * kl).sum() / len(mb)
+                        f_mb = is_forget[mb].to(kl.device)
+                        info["kl_ref"] = kl[~f_mb].mean().detach() if (~f_mb).any() else kl.new_zeros(())
+                        info["kl_forget"] = kl[f_mb].mean().detach() if f_mb.any() else kl.new_zeros(())
                     common.check_finite(loss, step + 1)
                     (loss / T_train).backward()
                     logs.append(dict(pg_loss=loss.detach(), **info))
@@ -642,8 +682,10 @@ def main(args):
         stats["reward_forget"] = rewards[is_forget].mean().item()
         stats["reward_retain"] = rewards[~is_forget].mean().item()
         stats["p_concept_forget"] = p[is_forget.to(p.device), 0].mean().item()
+        lap("policy", t_lap)
         dt = time.perf_counter() - t0
         iter_time, window, train_time = iter_time + dt, window + 1, train_time + dt
+        clock.tick(step - start)
 
         # PLUMBING: logging, samples, checkpoints
         done = step + 1
@@ -664,13 +706,10 @@ def main(args):
     # forwards for --critic_input clean and --kl_weight.
     n_iter = args.steps - start
     n_upd = n_iter - max(0, min(args.critic_warmup, args.steps) - start) if args.advantage != "none" else n_iter
-    mb = math.ceil(B / args.num_minibatches)
-    rollout = T * common.unet_pass_seconds(model, [(unet, 2 * B, False)])
-    update = (
-        args.inner_epochs * args.num_minibatches * T_train * common.unet_pass_seconds(model, [(unet, 2 * mb, True)])
-    )
-    extra = T * common.unet_pass_seconds(model, [(model.unet, B, False)]) if args.critic_input == "clean" else 0.0
-    extra += T * common.unet_pass_seconds(model, [(model.unet, 2 * (B - n_forget), False)]) if args.kl_weight else 0.0
+    rollout = T * clock.seconds("rollout")
+    update = args.inner_epochs * args.num_minibatches * T_train * clock.seconds("update")
+    extra = T * clock.seconds("clean") if args.critic_input == "clean" else 0.0
+    extra += T_train * clock.seconds("kl") if n_kl else 0.0
     unet_time = n_iter * (rollout + extra) + n_upd * update
     summary = dict(
         wall_seconds=time.perf_counter() - t_start,
@@ -680,6 +719,7 @@ def main(args):
         sec_per_step=train_time / max(1, n_iter),
         unet_pass_seconds=unet_time,
         step_efficiency=train_time / unet_time if unet_time > 0 else None,
+        phase_seconds={k: round(v, 2) for k, v in phases.items()},
         peak_memory_mb=common.peak_memory_mb(model.device),
         critic_explained_variance=critic_report(ev_log, args.steps),
     )
@@ -689,6 +729,7 @@ def main(args):
         f"step / its UNet passes = {summary['step_efficiency']:.2f}); peak memory {summary['peak_memory_mb']:.0f} MB; "
         f"trained UNet in {os.path.join(run, 'unet')}"
     )
+    print("rl_critic: seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_seconds"].items()))
     return run
 
 

@@ -194,7 +194,11 @@ def run_script(argv, check=True):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--kl_weight", "0.1"]],
+    [
+        [],
+        ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--kl_weight", "0.1"],
+        ["--forget_kl_weight", "0.1"],
+    ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     from diffusers import UNet2DConditionModel
@@ -212,7 +216,9 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
         assert np.isfinite(lines[1][key]) and (key not in lines[0]) == ("--advantage" not in extra)
     assert ("explained_var" in lines[0]) == ("--advantage" not in extra)
     if "--kl_weight" in extra:
-        assert lines[1]["kl_ref"] >= 0
+        assert lines[1]["kl_ref"] >= 0 and lines[1]["kl_forget"] == 0  # retain prompts only
+    if "--forget_kl_weight" in extra:  # forget prompts only; the policy's eps differs from the reference's eps(x, "")
+        assert lines[1]["kl_forget"] > 0 and lines[1]["kl_ref"] == 0
     unet = UNet2DConditionModel.from_pretrained(run / "unet")  # plain diffusers, LoRA merged
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     assert [n for n, _ in unet.named_parameters()] == [n for n, _ in base.named_parameters()]
@@ -227,6 +233,9 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["rollouts"] == 8 and summary["step_efficiency"] > 0
     assert summary["peak_memory_mb"] > 0
+    phases = summary["phase_seconds"]
+    assert set(phases) == {"rollout", "reward", "critic", "kl_reference", "policy"}
+    assert phases["rollout"] > 0 and phases["policy"] > 0 and sum(phases.values()) <= summary["train_seconds"] * 1.01
     assert (summary["critic_explained_variance"] is None) == ("--advantage" in extra)
 
 
