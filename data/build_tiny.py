@@ -463,6 +463,8 @@ def build_unet(
     batch: int = 64,
     resume: bool = False,
     lr: float = 5e-4,
+    sketch_fraction: float = None,
+    train_text: bool = True,
 ):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -500,11 +502,22 @@ def build_unet(
     # The text encoder starts from CLIP's text tower and trains with the UNet (lower learning rate): contrastive
     # training alone left different classes' states nearly parallel, and a UNet conditioned on them could not tell
     # several classes apart. The `clip_vision` stage then aligns CLIP's vision tower to this text encoder.
-    text_encoder.train().requires_grad_(True)
+    # --no-unet_train_text keeps it frozen (a fine-tune that leaves tiny-clip's text tower valid).
+    text_encoder.train(train_text).requires_grad_(train_text)
     text_ema = copy.deepcopy(text_encoder).requires_grad_(False)
 
     # Cache what is frozen: latents of the whole pool (posterior mean and std) and the token ids of every caption.
-    data = data_pool(min(steps * batch, 80000), seed=4)
+    n_pool = min(steps * batch, 80000)
+    if sketch_fraction is None:  # Pictonette's own mix: 30% sketches, half of them with a caption that says so
+        data = data_pool(n_pool, seed=4)
+    else:  # --unet_sketch_fraction: that share of the pool is sketch images (drawn with the sketch templates)
+        n_sketch = round(n_pool * sketch_fraction)
+        parts = [
+            pictonette.make(n_pool - n_sketch, seed=4, style="filled"),
+            pictonette.make(n_sketch, 14, style="sketch"),
+        ]
+        data = {k: [v for part in parts for v in part[k]] for k in ("captions",)}
+        data["images"] = np.concatenate([part["images"] for part in parts])
     with torch.no_grad():
         x = to_tensor(data["images"])
         means, stds = [], []
@@ -538,7 +551,7 @@ def build_unet(
 
         judge = ResNetForImageClassification.from_pretrained(judge_dir).eval()
     unet.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     for step in (bar := tqdm(range(steps), desc="unet")):
         idx = torch.randint(len(means), (batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
@@ -553,7 +566,8 @@ def build_unet(
         train_step(opt, sched, loss, clip_params=params)
         decay = min(0.999, (1 + step) / (10 + step))
         ema_update(ema, unet, decay)
-        ema_update(text_ema, text_encoder, decay)
+        if train_text:
+            ema_update(text_ema, text_encoder, decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if judge is not None and ((step + 1) % 1000 == 0 or step == steps - 1):
@@ -801,6 +815,18 @@ def parse_args(argv=None):
         default=False,
         help="the unet stage continues from the UNet and text encoder in <out>/tiny-sd instead of starting afresh",
     )
+    p.add_argument(
+        "--unet_sketch_fraction",
+        type=float,
+        default=None,
+        help="share of sketch images in the UNet's training pool (default: Pictonette's own 0.3)",
+    )
+    p.add_argument(
+        "--unet_train_text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the text encoder with the UNet (--no-unet_train_text keeps it, and so tiny-clip, unchanged)",
+    )
     p.add_argument("--clip_vision_steps", type=int, default=400, help="CLIP vision-tower steps (batch 256)")
     p.add_argument("--n_eval", type=int, default=1000, help="held-out real images for the judge/VAE/CLIP figures")
     p.add_argument("--report_per_class", type=int, default=50, help="generated images per class in the report")
@@ -823,6 +849,8 @@ def parse_args(argv=None):
     ]:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.unet_sketch_fraction is not None and not 0 <= args.unet_sketch_fraction <= 1:
+        p.error(f"--unet_sketch_fraction must be in [0, 1], got {args.unet_sketch_fraction}")
     return args
 
 
@@ -859,6 +887,8 @@ def main(args):
                 cls_dir,
                 resume=args.unet_resume,
                 lr=args.unet_lr,
+                sketch_fraction=args.unet_sketch_fraction,
+                train_text=args.unet_train_text,
             )
         elif stage == "clip_vision":
             te_dir = os.path.join(out, "tiny-sd", "text_encoder")

@@ -188,6 +188,34 @@ def test_build_smoke_runs_every_stage(tmp_path):
     ]:
         assert (out / part).exists(), part
 
+    # The fine-tune of the sketch experiment (data/README.md): the UNet moves, the text encoder (tiny-clip's text
+    # tower) stays bit-identical with --no-unet_train_text.
+    from safetensors.torch import load_file
+
+    files = {
+        p: sorted(f for f in os.listdir(out / "tiny-sd" / p) if f.endswith(".safetensors"))
+        for p in ("unet", "text_encoder")
+    }
+    before = {p: load_file(str(out / "tiny-sd" / p / files[p][0])) for p in files}
+    flags = ["--smoke", "--out", str(out), "--stages", "unet", "--unet_resume", "--unet_sketch_fraction", "0.5"]
+    res = subprocess.run(
+        [sys.executable, os.path.join(DATA, "build_tiny.py"), *flags, "--no-unet_train_text"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = {p: load_file(str(out / "tiny-sd" / p / files[p][0])) for p in files}
+    assert all(torch.equal(before["text_encoder"][k], v) for k, v in after["text_encoder"].items())
+    assert any(not torch.equal(before["unet"][k], v) for k, v in after["unet"].items())
+
+
+def test_build_rejects_a_sketch_fraction_outside_0_1():
+    import build_tiny
+
+    with pytest.raises(SystemExit):
+        build_tiny.parse_args(["--unet_sketch_fraction", "1.5"])
+
 
 def test_contrastive_loss_is_clips_loss_for_one_positive_and_averages_positives():
     import build_tiny
