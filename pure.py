@@ -136,6 +136,12 @@ def parse_args(argv=None):
         choices=["uniform", "true"],
         help="per-t weight of the KL term: uniform, or the true reverse-kernel KL weight (mean 1 over t)",
     )
+    p.add_argument(
+        "--forget_t_min",
+        type=int,
+        default=0,
+        help="the forget loss draws t from [forget_t_min, T) (0: all t); the low-noise steps are shared by every class",
+    )
     p.add_argument("--forget_steps_per_cycle", type=int, default=10, help="K_f: forget steps per cycle")
     p.add_argument(
         "--repair_steps_per_cycle", type=int, default=5, help="K_r: repair steps after each forget block (0: no repair)"
@@ -199,6 +205,8 @@ def parse_args(argv=None):
     for name in ["lr", "beta"]:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0 (got {getattr(args, name)})")
+    if not 0 <= args.forget_t_min < 1000:
+        p.error(f"--forget_t_min must be in [0, 1000) (got {args.forget_t_min})")
     if args.retain_prompts is not None and not os.path.isfile(args.retain_prompts):
         p.error(f"--retain_prompts {args.retain_prompts!r} is not a file")
     return args
@@ -267,7 +275,10 @@ def pure_step(unet, ref, scheduler, phase: str, x_f, c_f, x_r, c_r, args, weight
     else:
         x0, cond = x_r, c_r
     # Same t and eps for the trained and the reference model (Diffusion-DPO); drawn on the CPU (device-independent).
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),)).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
+    if phase == "forget" and args.forget_t_min > 0:  # --forget_t_min: the forget images at high noise only
+        t[: len(x_f)] = torch.randint(args.forget_t_min, scheduler.config.num_train_timesteps, (len(x_f),))
+    t = t.to(x0.device)
     eps = torch.randn(x0.shape).to(x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
     with common.autocast(x0.device, ref.dtype):  # the frozen reference is in the model's dtype

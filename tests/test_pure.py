@@ -351,3 +351,23 @@ def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
     assert after["church"] <= 0.1, f"church was not forgotten: {before['church']:.2f} -> {after['church']:.2f}"
     for cls in KEPT_CLASSES:
         assert after[cls] >= before[cls] - 0.15, f"{cls} was damaged: {before[cls]:.2f} -> {after[cls]:.2f}"
+
+
+def test_forget_t_min_draws_only_the_forget_images_at_high_noise(tiny_model, monkeypatch):
+    args = pure.parse_args(["--forget_t_min", "990", "--beta", "10"])
+    unet = common.trainable_unet(tiny_model)
+    x = torch.randn(16, *tiny_model.latent_shape)
+    c = common.encode_prompts(tiny_model, ["an image of a church"] * 8 + ["an image of a tench"] * 8)
+    weights = pure.kl_weights(tiny_model.scheduler, "true")
+    seen, add_noise = [], tiny_model.scheduler.add_noise
+    monkeypatch.setattr(
+        tiny_model.scheduler, "add_noise", lambda x0, e, t: seen.append(t.clone()) or add_noise(x0, e, t)
+    )
+    torch.manual_seed(0)
+    for phase in ["forget", "repair"]:
+        pure.pure_step(unet, tiny_model.unet, tiny_model.scheduler, phase, x[:8], c[:8], x[8:], c[8:], args, weights)
+    forget_t, repair_t = seen
+    assert (forget_t[:8] >= 990).all()  # the forget images
+    assert (forget_t[8:] < 990).any() and (repair_t < 990).any()  # retain images: all t (8 draws above 990: 1e-16)
+    with pytest.raises(SystemExit):
+        pure.parse_args(["--forget_t_min", "1000"])
