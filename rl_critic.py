@@ -20,7 +20,9 @@ the realised terminal reward, and its values turn the one sparse reward into per
 Advantages are normalised within the forget and within the retain trajectories and clipped to +-5; `--inner_epochs`
 reuses the stored trajectories (the importance ratios are the off-policy correction); `--kl_weight` adds the exact
 KL between the trained and reference reverse kernels on retain prompts, KL_t = k_t^2 ||eps_theta - eps_ref||^2 /
-(2 s_t^2).
+(2 s_t^2); `--forget_kl_weight` the same KL on forget prompts toward the reference's kernel with the empty prompt (a
+trust region that keeps the forget images on the data; README: the judge then agrees with the reward, but the other
+classes still drift).
 
 Choices where the paper is silent (flags, defaults): `--reward clip` is the world's CLIP, zero-shot over the concept
 and the retain classes ("an image of a {class}"), the SD default; `--reward classifier` is, in the tiny world (its
