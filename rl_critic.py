@@ -45,8 +45,11 @@ Stable Diffusion (one GPU, bf16 autocast, LoRA rank 4 on the attention projectio
 
 Tiny world (the default --model tiny, 2 CPU cores, fp32):
     python rl_critic.py --concept church           # about 9 minutes at 1 thread (+ 6 once for the reward CNN)
-    Measured (README): the reward is optimised (p(church) 0.97 -> 0.01) but the judge's UA is only 0.44 with RA 10
-    points below base (40 iterations): the method does not yet meet the tiny world's bars.
+    Measured (README), 40 iterations: without trust regions the reward is optimised (p(church) 0.97 -> 0.01) but
+    the judge's UA is only 0.44 with RA 10 points below base, as the policy draws off-data blobs. With the tiny
+    defaults --kl_weight 0.1 --forget_kl_weight 0.1 (sweep, 20 images per class, seeds 0-2) church is judged as
+    itself in 5%, 5% and 35% of the images, the other classes within 2.2 points of base: close to, not yet at, the
+    tiny world's bars.
 
 Outputs in runs/rl_critic__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers, LoRA merged),
 critic.safetensors, samples.png (before | after), summary.json (timing, memory, critic explained variance),
@@ -76,6 +79,8 @@ WORLD_DEFAULTS = {
         sample_steps=10,
         gradient_checkpointing=False,
         reward="classifier",
+        kl_weight=0.1,
+        forget_kl_weight=0.1,
     ),
     "sd": dict(
         lr=3e-4,
@@ -85,6 +90,8 @@ WORLD_DEFAULTS = {
         sample_steps=20,
         gradient_checkpointing=True,
         reward="clip",
+        kl_weight=0.0,  # the trust regions are not measured on SD (no GPU here)
+        forget_kl_weight=0.0,
     ),
 }
 REWARD_MODELS = {
@@ -150,13 +157,18 @@ def parse_args(argv=None):
         "decided; the last kernels are nearly deterministic and their log-probs dominate the gradient's noise)",
     )
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping of the policy")
-    p.add_argument("--kl_weight", type=float, default=0.0, help="weight of KL(pi_theta || pi_ref) on retain prompts")
+    p.add_argument(
+        "--kl_weight",
+        type=float,
+        default=None,
+        help="weight of KL(pi_theta || pi_ref) on retain prompts (tiny 0.1, sd 0)",
+    )
     p.add_argument(
         "--forget_kl_weight",
         type=float,
-        default=0.0,
+        default=None,
         help="weight of KL(pi_theta(. | c_f) || pi_ref(. | empty prompt)) on forget prompts: a trust region toward "
-        "what the reference draws with no prompt",
+        "what the reference draws with no prompt (tiny 0.1, sd 0)",
     )
     p.add_argument("--forget_fraction", type=float, default=0.5, help="fraction of each batch given forget prompts")
     p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps of a rollout (tiny 10, sd 20)")

@@ -196,8 +196,8 @@ def run_script(argv, check=True):
     "extra",
     [
         [],
-        ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--kl_weight", "0.1"],
-        ["--forget_kl_weight", "0.1"],
+        ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"],
+        ["--kl_weight", "0"],
     ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
@@ -215,10 +215,12 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     for key in ["pg_loss", "approx_kl", "old_approx_kl", "clipfrac"]:
         assert np.isfinite(lines[1][key]) and (key not in lines[0]) == ("--advantage" not in extra)
     assert ("explained_var" in lines[0]) == ("--advantage" not in extra)
-    if "--kl_weight" in extra:
-        assert lines[1]["kl_ref"] >= 0 and lines[1]["kl_forget"] == 0  # retain prompts only
-    if "--forget_kl_weight" in extra:  # forget prompts only; the policy's eps differs from the reference's eps(x, "")
+    if "--forget_kl_weight" in extra:  # the retain prompts' trust region only (the tiny default has both)
+        assert lines[1]["kl_ref"] >= 0 and lines[1]["kl_forget"] == 0
+    if "--kl_weight" in extra:  # forget prompts only; the policy's eps differs from the reference's eps(x, "")
         assert lines[1]["kl_forget"] > 0 and lines[1]["kl_ref"] == 0
+    if not extra:
+        assert lines[1]["kl_forget"] > 0 and lines[1]["kl_ref"] >= 0
     unet = UNet2DConditionModel.from_pretrained(run / "unet")  # plain diffusers, LoRA merged
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     assert [n for n, _ in unet.named_parameters()] == [n for n, _ in base.named_parameters()]
