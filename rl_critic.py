@@ -552,9 +552,9 @@ def main(args):
     pass_sets = {"rollout": [(unet, 2 * B, False)], "update": [(unet, 2 * mb_size, True)]}
     if args.critic_input == "clean":
         pass_sets["clean"] = [(model.unet, B, False)]
-    n_kl = (B - n_forget if args.kl_weight else 0) + (n_forget if args.forget_kl_weight else 0)
+    n_kl = (2 * (B - n_forget) if args.kl_weight else 0) + (n_forget if args.forget_kl_weight else 0)  # guided: 2
     if n_kl:
-        pass_sets["kl"] = [(model.unet, 2 * n_kl, False)]
+        pass_sets["kl"] = [(model.unet, n_kl, False)]
     clock = common.UNetPassClock(model, pass_sets, args.steps - start)
     phases = dict(rollout=0.0, reward=0.0, critic=0.0, kl_reference=0.0, policy=0.0)  # seconds, for summary.json
 
@@ -634,24 +634,26 @@ def main(args):
         t_lap = lap("critic", t_lap)  # with --critic_input clean this includes the reference's passes
         # 4. PPO on the stored trajectories (skipped while the critic warms up)
         # The reference's eps for the trust regions, fixed for this batch: guided, on the retain prompt (--kl_weight);
-        # with the empty prompt on forget states (--forget_kl_weight; the guidance formula then gives eps(x, "")).
+        # eps(x, "") on forget states (--forget_kl_weight), one unguided pass.
         kl_w = torch.where(is_forget, args.forget_kl_weight, args.kl_weight).float()  # (B,) per-row KL weight
         kl_rows, kl_ref = kl_w > 0, None
         if kl_rows.any():
-            n_rows = int(kl_rows.sum())
-            cond_ref = torch.where(is_forget[:, None, None].to(cond.device), uncond.expand(B, -1, -1), cond)
+            rows_r, rows_f = (m.to(model.device) for m in (kl_rows & ~is_forget, kl_rows & is_forget))
+            kl_ref = []
             with torch.no_grad(), common.autocast(model.device, model.dtype):
-                kl_ref = [
-                    common.cfg_eps(
-                        model.unet,
-                        lat[k][kl_rows].to(model.dtype),
-                        torch.full((n_rows,), int(timesteps[k]), device=model.device),
-                        cond_ref[kl_rows],
-                        uncond.expand(n_rows, -1, -1),
-                        args.guidance,
-                    ).float()
-                    for k in range(T_train)
-                ]
+                for k in range(T_train):
+                    x_k = lat[k].to(model.dtype)
+                    t_k = torch.full((B,), int(timesteps[k]), device=model.device)
+                    eps_k = torch.zeros(lat[k].shape, device=lat.device)
+                    if rows_r.any():
+                        u = uncond.expand(int(rows_r.sum()), -1, -1)
+                        eps_k[rows_r] = common.cfg_eps(
+                            model.unet, x_k[rows_r], t_k[rows_r], cond[rows_r], u, args.guidance
+                        ).float()
+                    if rows_f.any():
+                        u = uncond.expand(int(rows_f.sum()), -1, -1)
+                        eps_k[rows_f] = model.unet(x_k[rows_f], t_k[rows_f], u).sample.float()
+                    kl_ref.append(eps_k[kl_rows.to(model.device)])
         t_lap = lap("kl_reference", t_lap)
         update = args.advantage == "none" or step >= args.critic_warmup
         unet.train()
