@@ -283,3 +283,29 @@ def test_unknown_concept_is_a_one_line_error(tiny_sd, tmp_path):
         ["--model", tiny_sd, "--concept", "a red bicycle", "--out_dir", str(tmp_path / "x"), *FAST], check=False
     )
     assert out.returncode == 2 and "error: concept 'a red bicycle'" in out.stderr and out.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- efficacy on the tiny world
+
+KEPT_CLASSES = ["tench", "garbage truck", "parachute"]
+
+
+def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd, tmp_path):
+    """The first 10 of the default run's 40 iterations (seed 0): the judge, which is not the reward classifier, must
+    see far fewer churches on the evaluation seeds while it still sees the other classes about as often as before.
+    (The README's numbers are eval.py on the full runs.)"""
+    from diffusers import UNet2DConditionModel
+
+    if os.path.abspath(tiny_sd) != common.TINY:
+        pytest.skip("needs the committed tiny model (data/tiny-sd)")
+    run = rl_critic.main(
+        rl_critic.parse_args(["--concept", "church", "--steps", "10", "--out_dir", str(tmp_path / "r")])
+    )
+    model = common.load_model(tiny_sd, device="cpu")
+    trained = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
+    before, after = common.tiny_judge_accuracies(model, [model.unet, trained], ["church", *KEPT_CLASSES], n=16)
+    print(f"judge accuracy before {before}, after {after}")
+    assert min(before.values()) >= 0.75, f"the base model's images are not recognised ({before}): cannot judge"
+    assert after["church"] <= 0.4, f"church was not forgotten: {before['church']:.2f} -> {after['church']:.2f}"
+    for cls in KEPT_CLASSES:
+        assert after[cls] >= before[cls] - 0.25, f"{cls} was damaged: {before[cls]:.2f} -> {after[cls]:.2f}"
