@@ -293,7 +293,9 @@ KEPT_CLASSES = ["tench", "garbage truck", "parachute"]
 def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd, tmp_path):
     """The first 10 of the default run's 40 iterations (seed 0): the judge, which is not the reward classifier, must
     see far fewer churches on the evaluation seeds while it still sees the other classes about as often as before.
-    (The README's numbers are eval.py on the full runs.)"""
+    Measured before this test was written (church 1.00 -> after, tench / garbage truck / parachute before 0.81 / 0.88
+    / 1.00 -> after): seed 0 0.25, 0.62 / 1.00 / 1.00; seed 1 0.00, 0.69 / 1.00 / 1.00; seed 2 0.19, 0.81 / 0.88 /
+    1.00. (The README's numbers are eval.py on the full 40-iteration runs.)"""
     from diffusers import UNet2DConditionModel
 
     if os.path.abspath(tiny_sd) != common.TINY:
@@ -307,5 +309,8 @@ def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd,
     print(f"judge accuracy before {before}, after {after}")
     assert min(before.values()) >= 0.75, f"the base model's images are not recognised ({before}): cannot judge"
     assert after["church"] <= 0.4, f"church was not forgotten: {before['church']:.2f} -> {after['church']:.2f}"
+    # 16 images per class: one image is 6 points, so the kept classes are checked on their mean, each within 5 images
+    kept_before, kept_after = (sum(acc[c] for c in KEPT_CLASSES) / len(KEPT_CLASSES) for acc in (before, after))
+    assert kept_after >= kept_before - 0.1, f"the other classes were damaged: {before} -> {after}"
     for cls in KEPT_CLASSES:
-        assert after[cls] >= before[cls] - 0.25, f"{cls} was damaged: {before[cls]:.2f} -> {after[cls]:.2f}"
+        assert after[cls] >= before[cls] - 0.3, f"{cls} was damaged: {before[cls]:.2f} -> {after[cls]:.2f}"
