@@ -346,6 +346,22 @@ def kernel_kl(scheduler, eps: torch.Tensor, eps_ref: torch.Tensor, t: int, steps
     return float(k**2 / (2 * var)) * sq
 
 
+def reference_eps(unet, x, t, cond, uncond, rows_r, rows_f, guidance: float) -> torch.Tensor:
+    """The frozen reference's eps for the trust regions at states x (B, ...): guided (common.cfg_eps's arithmetic) on
+    the retain rows `rows_r`, eps(x, "") on the forget rows `rows_f`, zero elsewhere; float32. One UNet call on
+    [x_r | x_r | x_f] under ["" | c | ""], not two: a single batch is what the step efficiency's clock times, and two
+    smaller calls took about 15% longer on a CPU."""
+    n_r, n_f = int(rows_r.sum()), int(rows_f.sum())
+    x_in = torch.cat([x[rows_r], x[rows_r], x[rows_f]])
+    text = torch.cat([uncond.expand(n_r, -1, -1), cond[rows_r], uncond.expand(n_f, -1, -1)])
+    t_in = torch.cat([t[rows_r], t[rows_r], t[rows_f]])
+    eps_u, eps_c, eps_f = unet(x_in, t_in, text).sample.float().split([n_r, n_r, n_f])
+    eps = torch.zeros(x.shape, device=x.device)
+    eps[rows_r] = eps_u + guidance * (eps_c - eps_u)
+    eps[rows_f] = eps_f
+    return eps
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     """CleanRL's explained_var: 1 - Var(target - pred) / Var(target) (nan when the target is constant)."""
     var = target.var()
@@ -642,17 +658,10 @@ def main(args):
             kl_ref = []
             with torch.no_grad(), common.autocast(model.device, model.dtype):
                 for k in range(T_train):
-                    x_k = lat[k].to(model.dtype)
                     t_k = torch.full((B,), int(timesteps[k]), device=model.device)
-                    eps_k = torch.zeros(lat[k].shape, device=lat.device)
-                    if rows_r.any():
-                        u = uncond.expand(int(rows_r.sum()), -1, -1)
-                        eps_k[rows_r] = common.cfg_eps(
-                            model.unet, x_k[rows_r], t_k[rows_r], cond[rows_r], u, args.guidance
-                        ).float()
-                    if rows_f.any():
-                        u = uncond.expand(int(rows_f.sum()), -1, -1)
-                        eps_k[rows_f] = model.unet(x_k[rows_f], t_k[rows_f], u).sample.float()
+                    eps_k = reference_eps(
+                        model.unet, lat[k].to(model.dtype), t_k, cond, uncond, rows_r, rows_f, args.guidance
+                    )
                     kl_ref.append(eps_k[kl_rows.to(model.device)])
         t_lap = lap("kl_reference", t_lap)
         update = args.advantage == "none" or step >= args.critic_warmup

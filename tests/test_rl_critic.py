@@ -134,6 +134,30 @@ def test_kernel_kl_is_the_kl_of_the_two_ddim_kernels(tiny_model):
         assert torch.allclose(2 * kl.double(), two_kl, rtol=1e-4), t
 
 
+def test_reference_eps_in_one_call_equals_separate_guided_and_unguided_calls(tiny_model):
+    """The trust regions' reference eps, one merged UNet call: guided (common.cfg_eps) on the retain rows, eps(x, "")
+    on the forget rows, zero on rows with neither, and each row's value independent of which other rows are in."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, *tiny_model.latent_shape, generator=gen)
+    t = torch.tensor([900, 500, 300, 100, 20])
+    cond = common.encode_prompts(tiny_model, ["an image of a church", "a tench", "a parachute", "golf ball", "church"])
+    uncond = common.encode_prompts(tiny_model, [""])
+    rows_r = torch.tensor([False, True, False, True, False])
+    rows_f = torch.tensor([True, False, False, False, True])
+    with torch.no_grad():
+        eps = rl_critic.reference_eps(tiny_model.unet, x, t, cond, uncond, rows_r, rows_f, 7.5)
+        for i in range(5):
+            if rows_r[i]:
+                want = common.cfg_eps(tiny_model.unet, x[i : i + 1], t[i : i + 1], cond[i : i + 1], uncond, 7.5)
+            elif rows_f[i]:
+                want = tiny_model.unet(x[i : i + 1], t[i : i + 1], uncond).sample
+            else:
+                want = torch.zeros_like(x[i : i + 1])
+            assert torch.allclose(eps[i : i + 1], want, atol=1e-4), i
+        only_f = rl_critic.reference_eps(tiny_model.unet, x, t, cond, uncond, torch.zeros(5, dtype=bool), rows_f, 7.5)
+    assert torch.allclose(only_f[rows_f], eps[rows_f], atol=1e-5) and only_f[rows_r].abs().max() == 0
+
+
 def test_per_prompt_stats_normalise_each_prompt_on_its_own():
     tracker = rl_critic.PerPromptStats(buffer=4)
     r = torch.tensor([1.0, 10.0])
