@@ -251,3 +251,37 @@ def test_eval_records_its_own_generation_and_scoring_time(tmp_path):
     evaluate.main(evaluate.parse_args([str(folder), "--metrics", "ua", "--device", "cpu"]))
     sec = json.load(open(folder / "metrics.json"))["seconds"]
     assert sec["generate"] < 1 and sec["score"] > 0  # an image folder: nothing generated
+
+
+import forgetting_curve  # noqa: E402
+
+
+def _rl_run(root, name, p_values, finished=True):
+    run = root / name
+    run.mkdir(parents=True)
+    lines = [dict(step=i + 1, p_concept_forget=p, rollouts=32 * (i + 1)) for i, p in enumerate(p_values)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if finished:
+        (run / "summary.json").write_text("{}")
+
+
+def test_forgetting_curve_window_means_over_seeds_and_first_crossing(tmp_path, capsys):
+    _rl_run(tmp_path, "rl_critic__church__s0", [0.9, 0.7, 0.5, 0.3, 0.1, 0.02])
+    _rl_run(tmp_path, "rl_critic__church__s1", [0.9] * 6)
+    _rl_run(tmp_path, "rl_critic-nocritic__church__s0", [0.5, 0.05, 0.05, 0.05, 0.05, 0.05])
+    _rl_run(tmp_path, "rl_critic__church__s2", [0.0] * 6, finished=False)  # still training: left out
+    _rl_run(tmp_path, "rl_critic__parachute__s0", [0.0] * 6)  # another concept: left out
+    forgetting_curve.main([str(tmp_path), "--concept", "church", "--at", "64", "192", "999", "--window", "2"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    crit, base = rows["rl_critic"], rows["rl_critic-nocritic"]
+    assert crit[1] == "0, 1" and base[1] == "0"
+    assert crit[2] == "0.85 +- 0.07"  # 64 rollouts = iteration 2: seed 0 mean(0.9, 0.7) = 0.8, seed 1 0.9
+    assert crit[3] == "0.48 +- 0.59"  # 192: seed 0 mean(0.1, 0.02) = 0.06, seed 1 0.9
+    assert crit[4] == "-"  # 999 rollouts were never logged
+    assert crit[5] == "192, not reached |"  # seed 0's window mean first < 0.1 at iteration 6
+    assert base[2] == "0.28" and base[5] == "96 |"  # one seed: no std; mean(0.5, 0.05), then mean(0.05, 0.05)
+
+
+def test_forgetting_curve_without_runs_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no run folder of 'church'"):
+        forgetting_curve.main([str(tmp_path), "--concept", "church"])
