@@ -15,12 +15,10 @@ import argparse
 import glob
 import json
 import os
-import re
 import sys
 
 import numpy as np
-
-NAME = re.compile(r"^(?P<variant>.+)__(?P<concept>[^_].*?)__s(?P<seed>\d+)$")
+from collect import NAME  # run folders {variant}__{concept}__s{seed}
 
 
 def curves(folder: str, concept: str) -> dict:
