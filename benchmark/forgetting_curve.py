@@ -66,7 +66,10 @@ def main(argv=None):
         p.error(f"--window must be >= 1 (got {args.window})")
     data = curves(args.folder, args.concept)
     if not data:
-        sys.exit(f"forgetting_curve.py: no run folder of {args.concept!r} with a metrics.jsonl in {args.folder}")
+        sys.exit(
+            f"forgetting_curve.py: no run folder of {args.concept!r} in {args.folder} that has finished "
+            "(summary.json) and logged p_concept_forget (metrics.jsonl)"
+        )
     lines = [
         "| variant | seeds | " + " | ".join(str(a) for a in args.at) + f" | rollouts until < {args.below} |",
         "|---" * (len(args.at) + 3) + "|",
