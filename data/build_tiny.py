@@ -47,6 +47,7 @@ import pictonette  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ["tokenizer", "vae", "classifier", "clip", "unet", "clip_vision", "report"]
 MAX_TOKENS = 16  # longest caption is 13 tokens with the start/end tokens
+CHECKPOINT_EVERY = 250  # steps between two StageCheckpoint saves of the vae and unet stages
 
 
 # ---------------------------------------------------------------- helpers
@@ -106,6 +107,39 @@ def train_step(opt, sched, loss: torch.Tensor, clip_params=None) -> None:
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
     opt.step()
     sched.step()
+
+
+class StageCheckpoint:
+    """Crash-safe progress of a long training stage: `<out>/.checkpoints/<stage>.pt`, written atomically every
+    `every` steps and deleted once the stage has saved its result. Rerunning the stage with the same settings
+    continues from it (a stage of an hour or more can then run over several sessions); with other settings it starts
+    afresh and says so."""
+
+    def __init__(self, ckpt_dir: str, stage: str, settings: dict, every: int):
+        self.path = os.path.join(ckpt_dir, f"{stage}.pt") if ckpt_dir else None
+        self.stage, self.settings, self.every = stage, settings, every
+
+    def load(self) -> dict | None:
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        state = torch.load(self.path, weights_only=True)
+        if state["settings"] != self.settings:
+            print(f"{self.stage}: ignoring {self.path}: it was made with {state['settings']}, not {self.settings}")
+            return None
+        print(f"{self.stage}: continuing from {self.path} at step {state['step']}")
+        return state
+
+    def maybe_save(self, step: int, total: int, **state) -> None:
+        """Save after step `step` (0-based) when it completes a multiple of `every` (not after the last one)."""
+        if self.path is None or (step + 1) % self.every or step + 1 >= total:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        torch.save(dict(state, step=step + 1, settings=self.settings), self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def remove(self) -> None:
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -171,7 +205,7 @@ def build_tokenizer(out: str):
 # ---------------------------------------------------------------- VAE
 
 
-def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
+def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64, ckpt_dir: str = None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -194,7 +228,15 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     gen = torch.Generator().manual_seed(seed)
-    for step in (bar := tqdm(range(steps), desc="vae")):
+    ckpt = StageCheckpoint(ckpt_dir, "vae", dict(steps=steps, seed=seed, batch=batch), every=CHECKPOINT_EVERY)
+    start = 0
+    if state := ckpt.load():
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    for step in (bar := tqdm(range(start, steps), desc="vae", initial=start, total=steps)):
         x = pool[torch.randint(len(pool), (batch,), generator=gen)].contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
@@ -207,6 +249,9 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
             with torch.no_grad():
                 rec = vae.decode(vae.encode(probe).latent_dist.mode()).sample
             tqdm.write(f"vae: step {step} held-out reconstruction MSE {F.mse_loss(rec, probe).item():.4f}")
+        ckpt.maybe_save(
+            step, steps, vae=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state()
+        )
     vae = vae.to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():  # SD's scaling_factor convention: unit-variance latents
         held = to_tensor(pictonette.make(n_eval, seed=1001)["images"])
@@ -216,6 +261,7 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64):
         rec = vae.decode(post.mode()).sample
         mse = F.mse_loss(rec, held).item()
     vae.save_pretrained(out, safe_serialization=True)
+    ckpt.remove()
     print(f"vae: held-out reconstruction MSE {mse:.4f} (on [-1, 1]), scaling_factor {vae.config.scaling_factor:.4f}")
     return dict(vae_mse=mse, vae_scaling_factor=vae.config.scaling_factor)
 
@@ -465,6 +511,7 @@ def build_unet(
     lr: float = 5e-4,
     sketch_fraction: float = None,
     train_text: bool = True,
+    ckpt_dir: str = None,
 ):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -550,9 +597,19 @@ def build_unet(
         from transformers import ResNetForImageClassification
 
         judge = ResNetForImageClassification.from_pretrained(judge_dir).eval()
+    settings = dict(steps=steps, seed=seed, batch=batch, lr=lr, resume=resume, sketch=sketch_fraction, text=train_text)
+    ckpt = StageCheckpoint(ckpt_dir, "unet", settings, every=CHECKPOINT_EVERY)
+    start = 0
+    if state := ckpt.load():
+        for module, key in [(unet, "unet"), (ema, "ema"), (text_encoder, "text"), (text_ema, "text_ema")]:
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        start = state["step"]
     unet.train()
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    for step in (bar := tqdm(range(steps), desc="unet")):
+    for step in (bar := tqdm(range(start, steps), desc="unet", initial=start, total=steps)):
         idx = torch.randint(len(means), (batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         cond = cap_idx[idx].clone()
@@ -573,6 +630,17 @@ def build_unet(
         if judge is not None and ((step + 1) % 1000 == 0 or step == steps - 1):
             acc = probe_accuracy(ema, text_ema, tok, vae, scheduler, judge)
             tqdm.write(f"unet: step {step + 1} generated images judged as their class: {acc:.3f} (10 per class)")
+        ckpt.maybe_save(
+            step,
+            steps,
+            unet=unet.state_dict(),
+            ema=ema.state_dict(),
+            text=text_encoder.state_dict(),
+            text_ema=text_ema.state_dict(),
+            opt=opt.state_dict(),
+            sched=sched.state_dict(),
+            gen=gen.get_state(),
+        )
     text_encoder = text_ema.eval()
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -592,6 +660,7 @@ def build_unet(
             with open(path, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
                 f.write("\n")
+    ckpt.remove()
     print(f"unet: saved the pipeline to {out}")
     return {}
 
@@ -861,6 +930,7 @@ def main(args):
     tok_dir, vae_dir = os.path.join(out, "tiny-sd", "tokenizer"), os.path.join(out, "tiny-sd", "vae")
     clip_dir, cls_dir = os.path.join(out, "tiny-clip"), os.path.join(out, "tiny-classifier")
     report_path = os.path.join(out, "build_report.json")
+    ckpt_dir = os.path.join(out, ".checkpoints")  # mid-stage progress of the vae and unet stages (StageCheckpoint)
     figures = json.load(open(report_path)) if os.path.exists(report_path) else {}
     timings = figures.setdefault("stage_seconds", {})
     print(f"building the tiny world into {out} (stages: {' '.join(args.stages)})")
@@ -871,7 +941,7 @@ def main(args):
         if stage == "tokenizer":
             build_tokenizer(tok_dir)
         elif stage == "vae":
-            figures.update(build_vae(vae_dir, args.vae_steps, args.seed, args.n_eval))
+            figures.update(build_vae(vae_dir, args.vae_steps, args.seed, args.n_eval, ckpt_dir=ckpt_dir))
         elif stage == "classifier":
             figures.update(build_classifier(cls_dir, vae_dir, args.classifier_steps, args.seed, args.n_eval))
         elif stage == "clip":
@@ -889,6 +959,7 @@ def main(args):
                 lr=args.unet_lr,
                 sketch_fraction=args.unet_sketch_fraction,
                 train_text=args.unet_train_text,
+                ckpt_dir=ckpt_dir,
             )
         elif stage == "clip_vision":
             te_dir = os.path.join(out, "tiny-sd", "text_encoder")

@@ -3,6 +3,7 @@
 import csv
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,8 +170,9 @@ def test_data_folder_is_small_and_safetensors_only():
     assert sum(os.path.getsize(f) for f in weights) < 30 * 2**20
 
 
-def test_build_smoke_runs_every_stage(tmp_path):
-    out = tmp_path / "smoke"
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "smoke"
     res = subprocess.run(
         [sys.executable, os.path.join(DATA, "build_tiny.py"), "--smoke", "--out", str(out)],
         capture_output=True,
@@ -178,6 +180,12 @@ def test_build_smoke_runs_every_stage(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_build_smoke_runs_every_stage(smoke_build, tmp_path):
+    out = tmp_path / "smoke"
+    shutil.copytree(smoke_build, out)
     for part in [
         "tiny-sd/model_index.json",
         "tiny-sd/unet/diffusion_pytorch_model.safetensors",
@@ -208,6 +216,93 @@ def test_build_smoke_runs_every_stage(tmp_path):
     after = {p: load_file(str(out / "tiny-sd" / p / files[p][0])) for p in files}
     assert all(torch.equal(before["text_encoder"][k], v) for k, v in after["text_encoder"].items())
     assert any(not torch.equal(before["unet"][k], v) for k, v in after["unet"].items())
+
+
+class Crash(Exception):
+    pass
+
+
+def interrupted(build, monkeypatch, after_step: int):
+    """Run `build()` with a crash right after the checkpoint of step `after_step` (0-based) is written."""
+    import build_tiny
+
+    save = build_tiny.StageCheckpoint.maybe_save
+
+    def crashing_save(self, step, total, **state):
+        save(self, step, total, **state)
+        if step == after_step:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(build_tiny.StageCheckpoint, "maybe_save", crashing_save)
+        with pytest.raises(Crash):
+            build()
+
+
+def counting_steps(monkeypatch) -> list:
+    """Count the optimiser steps build_tiny takes from now on."""
+    import build_tiny
+
+    calls, train_step = [], build_tiny.train_step
+    monkeypatch.setattr(build_tiny, "train_step", lambda *a, **k: (calls.append(1), train_step(*a, **k)))
+    return calls
+
+
+def same_weights(a, b):
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a), load_file(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_vae_stage_continues_after_a_crash_to_the_same_weights(tmp_path, monkeypatch):
+    import build_tiny
+
+    monkeypatch.setattr(build_tiny, "CHECKPOINT_EVERY", 2)
+    torch.set_num_threads(1)
+    run = lambda name: build_tiny.build_vae(  # noqa: E731
+        str(tmp_path / name / "vae"), steps=5, seed=0, n_eval=8, batch=4, ckpt_dir=str(tmp_path / name / "ckpt")
+    )
+    run("straight")
+    interrupted(lambda: run("crashed"), monkeypatch, after_step=3)
+    assert (tmp_path / "crashed" / "ckpt" / "vae.pt").exists()
+    assert not (tmp_path / "crashed" / "vae").exists()
+    steps = counting_steps(monkeypatch)
+    run("crashed")
+    assert len(steps) == 1  # steps 0-3 came from the checkpoint
+    assert not (tmp_path / "crashed" / "ckpt" / "vae.pt").exists()  # removed once the stage has saved
+    name = "diffusion_pytorch_model.safetensors"
+    assert same_weights(tmp_path / "straight" / "vae" / name, tmp_path / "crashed" / "vae" / name)
+
+
+def test_unet_stage_continues_after_a_crash_to_the_same_weights(smoke_build, tmp_path, monkeypatch):
+    import build_tiny
+
+    monkeypatch.setattr(build_tiny, "CHECKPOINT_EVERY", 2)
+    torch.set_num_threads(1)
+    sd = smoke_build / "tiny-sd"
+
+    def run(name, steps=5):
+        build_tiny.build_unet(
+            str(tmp_path / name),
+            str(sd / "tokenizer"),
+            str(sd / "vae"),
+            str(smoke_build / "tiny-clip"),
+            steps=steps,
+            seed=0,
+            batch=4,
+            ckpt_dir=str(tmp_path / name / ".ckpt"),
+        )
+
+    run("straight")
+    interrupted(lambda: run("crashed"), monkeypatch, after_step=1)
+    run("crashed", steps=6)  # other settings: the checkpoint is ignored, the stage starts afresh
+    interrupted(lambda: run("crashed"), monkeypatch, after_step=1)
+    steps = counting_steps(monkeypatch)
+    run("crashed")
+    assert len(steps) == 3  # steps 0-1 came from the checkpoint
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert same_weights(tmp_path / "straight" / part, tmp_path / "crashed" / part), part
 
 
 def test_build_rejects_a_sketch_fraction_outside_0_1():
