@@ -22,6 +22,9 @@ Stages, in order (each one saves its result before the next starts; `--stages` r
   report      the quality figures: judge accuracy, per-class accuracy of generated images, style/background
               rates, UNet speed, sample grid (data/tiny-sd/samples.png), written to <out>/build_report.json
 
+The vae and unet stages save their progress to `<out>/.checkpoints/` every 250 steps; after a crash or a stop, the
+same command continues from there to the same weights as an uninterrupted build.
+
 Everything is seeded (`--seed`); data come from `pictonette.make` with training seeds below 1000, held-out
 evaluation images from seeds >= 1000.
 """
