@@ -255,11 +255,19 @@ def same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_vae_stage_continues_after_a_crash_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Run the test on one thread (the bit-identical comparison needs one fixed thread count) and restore after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_vae_stage_continues_after_a_crash_to_the_same_weights(tmp_path, monkeypatch, one_thread):
     import build_tiny
 
     monkeypatch.setattr(build_tiny, "CHECKPOINT_EVERY", 2)
-    torch.set_num_threads(1)
     run = lambda name: build_tiny.build_vae(  # noqa: E731
         str(tmp_path / name / "vae"), steps=5, seed=0, n_eval=8, batch=4, ckpt_dir=str(tmp_path / name / "ckpt")
     )
@@ -275,11 +283,10 @@ def test_vae_stage_continues_after_a_crash_to_the_same_weights(tmp_path, monkeyp
     assert same_weights(tmp_path / "straight" / "vae" / name, tmp_path / "crashed" / "vae" / name)
 
 
-def test_unet_stage_continues_after_a_crash_to_the_same_weights(smoke_build, tmp_path, monkeypatch):
+def test_unet_stage_continues_after_a_crash_to_the_same_weights(smoke_build, tmp_path, monkeypatch, one_thread):
     import build_tiny
 
     monkeypatch.setattr(build_tiny, "CHECKPOINT_EVERY", 2)
-    torch.set_num_threads(1)
     sd = smoke_build / "tiny-sd"
 
     def run(name, steps=5):
