@@ -1,8 +1,8 @@
 #!/bin/bash
 # RL unlearning with a timestep-aware critic in the tiny world (issue 7): default flags on 3 classes x 3 seeds, the
 # no-critic baseline (--advantage none) on church, eval.py on every run, then the README's table. Restartable:
-# finished runs and evaluations are skipped, a stopped run resumes from its checkpoint. The README's rows so far are
-# seed 0 (and church seed 1): the rest of this grid has not been run.
+# finished runs and evaluations are skipped, a stopped run resumes from its checkpoint. The README's 3-seed table
+# under rl_critic.py comes from this grid (OUT=runs/table/rl_critic BASE=runs/table/base).
 #   bash benchmark/rl_critic.sh          (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -261,7 +261,10 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     assert summary["peak_memory_mb"] > 0
     phases = summary["phase_seconds"]
     assert set(phases) == {"rollout", "reward", "critic", "kl_reference", "policy"}
-    assert phases["rollout"] > 0 and phases["policy"] > 0 and sum(phases.values()) <= summary["train_seconds"] * 1.01
+    # each phase is rounded to 0.01 s in summary.json, so their sum may exceed the total by up to 0.005 s per phase
+    slack = 0.005 * len(phases)
+    assert phases["rollout"] > 0 and phases["policy"] > 0
+    assert sum(phases.values()) <= summary["train_seconds"] * 1.01 + slack
     assert (summary["critic_explained_variance"] is None) == ("--advantage" in extra)
 
 
