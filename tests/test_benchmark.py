@@ -285,3 +285,25 @@ def test_forgetting_curve_window_means_over_seeds_and_first_crossing(tmp_path, c
 def test_forgetting_curve_without_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no run folder of 'church'"):
         forgetting_curve.main([str(tmp_path), "--concept", "church"])
+
+
+# ---------------------------------------------------------------- vae_lines.py: the figures of a line-keeping VAE
+import vae_lines  # noqa: E402
+
+
+def test_vae_line_figures_are_one_and_small_for_the_real_sketch_and_worse_when_blurred():
+    import numpy as np
+    import pictonette
+    from PIL import Image, ImageFilter
+
+    real = pictonette.make(20, seed=5, style="sketch")["images"]
+    perfect = vae_lines.line_figures(real, real)
+    assert perfect["line_contrast"] == pytest.approx(1.0) and perfect["halo"] < 0.15
+    blurred = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(1))) for im in real])
+    soft = vae_lines.line_figures(real, blurred)
+    assert soft["line_contrast"] < 0.8 and soft["halo"] > perfect["halo"] + 0.1, soft
+
+
+def test_vae_lines_measuring_needs_a_vae():
+    with pytest.raises(SystemExit):
+        vae_lines.parse_args(["x", "--steps", "0"])
