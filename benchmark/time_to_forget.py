@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 # name -> (method script, extra flags, judge every K of the script's logged steps, what a logged step is). Budgets are
-# the scripts' default --steps: 200 (fdiv, ESD), 100 forget steps = 150 updates (PURE), 100 (SFD), 40 iterations (RL).
+# the scripts' default --steps: 200 (fdiv, ESD), 100 forget steps = 150 updates (PURE), 100 (SFD), 80 iterations (RL;
+# 40 before c729625, when the README's time-to-forget table was measured).
 METHODS = {
     "esd": ("fdiv", ["--anchor", "esd", "--divergence", "mse"], 20, "steps"),
     "fdiv-hellinger": ("fdiv", [], 20, "steps"),
