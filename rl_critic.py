@@ -97,6 +97,8 @@ WORLD_DEFAULTS = {
         forget_kl_weight=0.0,
     ),
 }
+# The tiny world's reward CNNs (fit_classifier's settings), chosen with --reward_cnn.
+REWARD_CNNS = {"small": dict(n=4000, iters=800, augment=False), "strong": dict(n=8000, iters=3000, augment=True)}
 REWARD_MODELS = {
     ("tiny", "clip"): os.path.join(common.ROOT, "data", "tiny-clip"),
     ("tiny", "classifier"): "SmallCNN trained at start-up on Pictonette (fit_classifier)",
@@ -142,6 +144,13 @@ def parse_args(argv=None):
         default=None,
         choices=["clip", "classifier"],
         help="reward model, never the evaluation judge (default: tiny classifier, tiny-clip is easily fooled; sd clip)",
+    )
+    p.add_argument(
+        "--reward_cnn",
+        default="small",
+        choices=list(REWARD_CNNS),
+        help="tiny world, --reward classifier: how the reward CNN is trained (small: 4,000 images, 800 steps, 91%% "
+        "held-out accuracy; strong: 8,000 images, 3,000 steps with shift, blur, noise and contrast augmentation)",
     )
     p.add_argument(
         "--advantage",
@@ -383,14 +392,14 @@ class Reward:
     classes' ImageNet indices. Neither is the evaluation judge.
     """
 
-    def __init__(self, kind: str, model, labels: list[str], seed: int):
+    def __init__(self, kind: str, model, labels: list[str], seed: int, cnn: str = "small"):
         from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoTokenizer, CLIPModel
 
         self.kind, self.device, self.labels = kind, model.device, labels
         src = REWARD_MODELS[(model.world, kind)]
         if kind == "classifier":
             if model.world == "tiny":
-                self.net = fit_classifier(model).to(self.device)
+                self.net = fit_classifier(model, **REWARD_CNNS[cnn]).to(self.device)
                 self.index = torch.tensor([common.IMAGENETTE.index(c) for c in labels], device=self.device)
             else:
                 self.processor = AutoImageProcessor.from_pretrained(src)
@@ -435,7 +444,17 @@ class SmallCNN(torch.nn.Sequential):
         )
 
 
-def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800) -> SmallCNN:
+def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift by up to 2 pixels, blur half of the images (3x3 box), scale the contrast by 0.8-1.2 (x in [-1, 1])."""
+    n = len(x)
+    dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+    x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, 2 + dy : 34 + dy, 2 + dx : 34 + dx]
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    x = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.5, blurred, x)
+    return x * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen))
+
+
+def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800, augment: bool = False) -> SmallCNN:
     """Train SmallCNN on n Pictonette images (data seeds unlike eval's and the build's), half of them through the tiny
     VAE (encode + decode: the generator's blur), plus noise; cached in runs/.cache/ (about 6 CPU-minutes once). The
     reward model is a fixed part of the setup (as a hub classifier is on SD): the same seed for every run.
@@ -446,7 +465,8 @@ def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800) -> Sma
     from data.pictonette import make
 
     net = SmallCNN()
-    path = os.path.join(common.ROOT, "runs", ".cache", f"reward_cnn_n{n}_i{iters}_s{seed}.safetensors")
+    tag = "_aug" if augment else ""
+    path = os.path.join(common.ROOT, "runs", ".cache", f"reward_cnn_n{n}_i{iters}{tag}_s{seed}.safetensors")
     if os.path.exists(path):
         net.load_state_dict(load_file(path))
         return net.eval().requires_grad_(False)
@@ -463,7 +483,8 @@ def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800) -> Sma
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in tqdm(range(iters), desc="reward classifier", leave=False):
         j = torch.randint(n_fit, (128,), generator=gen)
-        xb = x[j] + 0.1 * torch.rand(len(j), 1, 1, 1, generator=gen) * torch.randn(x[j].shape, generator=gen)
+        xb = augment_images(x[j], gen) if augment else x[j]
+        xb = xb + 0.1 * torch.rand(len(j), 1, 1, 1, generator=gen) * torch.randn(xb.shape, generator=gen)
         loss = F.cross_entropy(net(xb), y[j])
         opt.zero_grad()
         loss.backward()
@@ -507,7 +528,7 @@ def main(args):
     run = common.init_run(args, "rl_critic", model, extra=dict(reward_model=REWARD_MODELS[(model.world, args.reward)]))
     t_start = time.perf_counter()
     labels, retain_label = reward_labels(prompts)
-    reward_model = Reward(args.reward, model, labels, args.seed)
+    reward_model = Reward(args.reward, model, labels, args.seed, args.reward_cnn)
     all_prompts = prompts["forget"] + prompts["retain"]
     states = common.encode_prompts(model, all_prompts)  # (P, L, D)
     pooled = states.float().mean(dim=1)  # (P, D): the critic's text input
