@@ -284,6 +284,19 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
 
 
+def test_strong_reward_cnn_augmentation_shifts_blurs_and_rescales_contrast():
+    x = torch.zeros(64, 3, 32, 32)
+    x[:, :, 15:17, 15:17] = 1.0  # a 2x2 dot in the middle
+    gen = torch.Generator().manual_seed(0)
+    outs = [rl_critic.augment_images(x, gen) for _ in range(20)]
+    assert all(o.shape == x.shape for o in outs)
+    centres = {tuple(torch.nonzero(o[0, 0] == o[0, 0].max())[0].tolist()) for o in outs}
+    assert len(centres) > 1 and all(abs(r - 15.5) <= 3 and abs(c - 15.5) <= 3 for r, c in centres)  # shifted <= 2 px
+    peaks = torch.cat([o.amax((1, 2, 3)) for o in outs])
+    assert peaks.min() < 0.5 and peaks.max() > 0.8  # some blurred (a 3x3 box spreads the dot), some sharp
+    assert peaks.max() <= 1.2 + 1e-6  # contrast scaled by at most 1.2
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -296,6 +309,7 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
         (["--batch_size", "1"], "--batch_size must be >= 2"),
         (["--train_fraction", "0"], "--train_fraction must be in (0, 1]"),
         (["--train_params", "attn"], "invalid choice: 'attn'"),
+        (["--reward_cnn", "big"], "invalid choice: 'big'"),
     ],
 )
 def test_bad_flags_give_one_line(argv, message, capsys):
