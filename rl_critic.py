@@ -73,7 +73,7 @@ import common
 # Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
 WORLD_DEFAULTS = {
     "tiny": dict(
-        steps=80,  # 40 left church seed 2 and parachute seed 1 at UA 0.62 and 0.42; 80 reached 0.95 and 0.85 (README)
+        steps=80,  # 3-seed UA per class 0.64-0.85 with 40, 0.87-0.89 with 80 (README)
         lr=1e-3,
         batch_size=32,
         train_params="xattn",
@@ -446,9 +446,9 @@ class SmallCNN(torch.nn.Sequential):
 
 def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Shift by up to 2 pixels, blur half of the images (3x3 box), scale the contrast by 0.8-1.2 (x in [-1, 1])."""
-    n = len(x)
+    n, h, w = len(x), x.shape[-2], x.shape[-1]
     dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-    x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, 2 + dy : 34 + dy, 2 + dx : 34 + dx]
+    x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     x = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.5, blurred, x)
     return x * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen))
@@ -459,7 +459,9 @@ def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800, augmen
     VAE (encode + decode: the generator's blur), plus noise; cached in runs/.cache/ (about 6 CPU-minutes once). The
     reward model is a fixed part of the setup (as a hub classifier is on SD): the same seed for every run.
     Measured: 91% held-out accuracy; on images where policy optimisation had fooled tiny-clip (its p(church) 0.15)
-    and the judge still saw churches (0.84-0.94), it gave p(church) 0.59-0.71, i.e. it is harder to fool."""
+    and the judge still saw churches (0.84-0.94), it gave p(church) 0.59-0.71, i.e. it is harder to fool.
+    With `augment` (--reward_cnn strong: 8,000 images, 3,000 steps) each batch is also shifted, blurred and rescaled
+    (augment_images): 99.5% held-out accuracy, about 14 CPU-minutes once."""
     from safetensors.torch import load_file, save_file
 
     from data.pictonette import make
