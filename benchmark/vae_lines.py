@@ -39,30 +39,41 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 
+import common  # noqa: E402
 import pictonette  # noqa: E402
 from build_tiny import cosine_lr, to_tensor, to_uint8, train_step  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="output folder runs/vae_lines/NAME")
     p.add_argument("--init", default=None, help="start from this diffusers VAE folder (default: a new one)")
     p.add_argument("--widths", default="32,64,64", help="block_out_channels of a new VAE (committed: 32,64,64)")
-    p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--layers_per_block", type=int, default=1, help="resnet layers per block of a new VAE (built: 1)")
     p.add_argument("--fg", type=float, default=0.0, help="extra loss weight on pixels that differ from the background")
     p.add_argument("--edge", type=float, default=0.0, help="weight of the L1 between image gradients")
     p.add_argument("--kl", type=float, default=1e-4, help="weight of the per-element KL (build_tiny.py: 1e-4)")
     p.add_argument("--sketch_frac", type=float, default=0.3, help="share of sketches in the training pool")
     p.add_argument("--steps", type=int, default=1000, help="training steps (0: only measure --init)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval_every", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine schedule with warmup)")
+    p.add_argument("--eval_every", type=int, default=250, help="measure the figures every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the new VAE, the batches and the posterior samples")
     args = p.parse_args(argv)
     if args.steps == 0 and not args.init:
         p.error("--steps 0 only measures a VAE: give it one with --init")
+    try:
+        args.widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        p.error(f"--widths must be comma-separated integers such as 32,64,64 (got {args.widths!r})")
+    for name in ["steps", "layers_per_block", "batch", "eval_every"]:
+        if getattr(args, name) < (0 if name == "steps" else 1):
+            p.error(f"--{name} must be >= {0 if name == 'steps' else 1} (got {getattr(args, name)})")
+    if any(w < 32 or w % 32 for w in args.widths):
+        p.error(f"--widths must be multiples of 32, as the VAE's GroupNorm has 32 groups (got {args.widths})")
     if not 0 <= args.sketch_frac <= 1:
         p.error(f"--sketch_frac must be in [0, 1] (got {args.sketch_frac})")
     return args
@@ -102,7 +113,7 @@ def main(args):
             sample_size=32,
             layers_per_block=args.layers_per_block,
             norm_num_groups=32,
-            block_out_channels=tuple(int(w) for w in args.widths.split(",")),
+            block_out_channels=args.widths,
             down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3,
         )

@@ -304,6 +304,18 @@ def test_vae_line_figures_are_one_and_small_for_the_real_sketch_and_worse_when_b
     assert soft["line_contrast"] < 0.8 and soft["halo"] > perfect["halo"] + 0.1, soft
 
 
-def test_vae_lines_measuring_needs_a_vae():
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["x", "--steps", "0"], "--steps 0 only measures a VAE"),
+        (["x", "--widths", "32,sixty"], "--widths must be comma-separated integers"),
+        (["x", "--widths", "32,48,64"], "--widths must be multiples of 32"),
+        (["x", "--batch", "0"], "--batch must be >= 1"),
+        (["x", "--sketch_frac", "2"], "--sketch_frac must be in [0, 1]"),
+    ],
+)
+def test_vae_lines_rejects_bad_flags_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
-        vae_lines.parse_args(["x", "--steps", "0"])
+        vae_lines.parse_args(argv)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
