@@ -97,8 +97,10 @@ WORLD_DEFAULTS = {
         forget_kl_weight=0.0,
     ),
 }
-# The tiny world's reward CNNs (fit_classifier's settings), chosen with --reward_cnn.
+# The tiny world's reward CNNs (fit_classifier's settings), chosen with --reward_cnn; "both" is the pessimistic
+# ensemble of the two (Reward.probs).
 REWARD_CNNS = {"small": dict(n=4000, iters=800, augment=False), "strong": dict(n=8000, iters=3000, augment=True)}
+REWARD_CNN_CHOICES = [*REWARD_CNNS, "both"]
 REWARD_MODELS = {
     ("tiny", "clip"): os.path.join(common.ROOT, "data", "tiny-clip"),
     ("tiny", "classifier"): "SmallCNN trained at start-up on Pictonette (fit_classifier)",
@@ -148,9 +150,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--reward_cnn",
         default="small",
-        choices=list(REWARD_CNNS),
+        choices=REWARD_CNN_CHOICES,
         help="tiny world, --reward classifier: how the reward CNN is trained (small: 4,000 images, 800 steps, 91%% "
-        "held-out accuracy; strong: 8,000 images, 3,000 steps with shift, blur, noise and contrast augmentation)",
+        "held-out accuracy; strong: 8,000 images, 3,000 steps with shift, blur, noise and contrast augmentation; "
+        "both: the two together, the concept's probability their larger, a retain class's their smaller)",
     )
     p.add_argument(
         "--advantage",
@@ -399,7 +402,9 @@ class Reward:
         src = REWARD_MODELS[(model.world, kind)]
         if kind == "classifier":
             if model.world == "tiny":
-                self.net = fit_classifier(model, **REWARD_CNNS[cnn]).to(self.device)
+                names = list(REWARD_CNNS) if cnn == "both" else [cnn]
+                self.nets = [fit_classifier(model, **REWARD_CNNS[name]).to(self.device) for name in names]
+                self.net = self.nets[0]
                 self.index = torch.tensor([common.IMAGENETTE.index(c) for c in labels], device=self.device)
             else:
                 self.processor = AutoImageProcessor.from_pretrained(src)
@@ -423,7 +428,10 @@ class Reward:
             return (self.net.logit_scale.exp() * image @ self.text.T).softmax(-1)
         if isinstance(self.net, SmallCNN):
             x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
-            return self.net(x).softmax(-1)[:, self.index]
+            p = torch.stack([net(x).softmax(-1)[:, self.index] for net in self.nets])  # (M, N, K)
+            # Pessimistic ensemble (--reward_cnn both): the concept counts as present if either CNN sees it, a retain
+            # class as shown only as far as both see it; the columns then no longer sum to 1 (rewards read one each).
+            return torch.cat([p[:, :, :1].amax(0), p[:, :, 1:].amin(0)], -1)
         x = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
         return self.net(pixel_values=x).logits.float().softmax(-1)[:, self.index]
 

@@ -297,6 +297,30 @@ def test_strong_reward_cnn_augmentation_shifts_blurs_and_rescales_contrast():
     assert peaks.max() <= 1.2 + 1e-6  # contrast scaled by at most 1.2
 
 
+def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probability(tiny_model, monkeypatch):
+    """--reward_cnn both: p(concept) is the larger of the two CNNs', p(retain class) the smaller (two untrained CNNs
+    stand in for the cached ones, which take 20 CPU-minutes to fit)."""
+    nets = {}
+
+    def fake_fit(model, n, iters, augment):
+        torch.manual_seed(int(augment))  # the same weights each time a CNN is asked for
+        nets[augment] = rl_critic.SmallCNN().eval().requires_grad_(False)
+        return nets[augment]
+
+    monkeypatch.setattr(rl_critic, "fit_classifier", fake_fit)
+    labels = ["church", "tench", "parachute"]
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    p = rl_critic.Reward("classifier", tiny_model, labels, 0, "both").probs(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    index = [common.IMAGENETTE.index(c) for c in labels]
+    small, strong = (nets[a](x).softmax(-1)[:, index] for a in (False, True))
+    assert len(nets) == 2 and not torch.allclose(small, strong)
+    assert torch.allclose(p[:, 0], torch.maximum(small[:, 0], strong[:, 0]))
+    assert torch.allclose(p[:, 1:], torch.minimum(small[:, 1:], strong[:, 1:]))
+    one = rl_critic.Reward("classifier", tiny_model, labels, 0, "small").probs(images)
+    assert torch.allclose(one, small)  # one CNN: its probabilities as they are
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
