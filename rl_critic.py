@@ -50,7 +50,8 @@ Tiny world (the default --model tiny, 2 CPU cores, fp32):
     the judge's UA is only 0.44 with RA 10 points below base, as the policy draws off-data blobs. With the tiny
     defaults (--kl_weight 0.1 --forget_kl_weight 0.1, 80 iterations), eval.py over 3 seeds: UA 0.887 (church),
     0.887 (garbage truck), 0.867 (parachute), RA within 2.4 points of base: close to, not yet at, the tiny world's
-    bar of 0.90. --reward_cnn strong raised UA on the 4 weakest seeds by 2-20 points (README).
+    bar of 0.90. Neither --reward_cnn strong (0.887, 0.933, 0.793), --reward_cnn both (0.900, 0.887, 0.813) nor 160
+    iterations (0.907, 0.967, 0.860) gets all three classes there (README).
 
 Outputs in runs/rl_critic__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers, LoRA merged),
 critic.safetensors, samples.png (before | after), summary.json (timing, memory, critic explained variance),

@@ -360,7 +360,7 @@ def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd,
     see far fewer churches on the evaluation seeds while it still sees the other classes about as often as before.
     Measured before this test was written (church 1.00 -> after, tench / garbage truck / parachute before 0.81 / 0.88
     / 1.00 -> after): seed 0 0.25, 0.62 / 1.00 / 1.00; seed 1 0.00, 0.69 / 1.00 / 1.00; seed 2 0.19, 0.81 / 0.88 /
-    1.00. (The README's numbers are eval.py on the full 40-iteration runs.)"""
+    1.00. (The README's numbers are eval.py on the full 80-iteration runs.)"""
     from diffusers import UNet2DConditionModel
 
     if os.path.abspath(tiny_sd) != common.TINY:
