@@ -42,9 +42,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 
-import common  # noqa: E402
 import pictonette  # noqa: E402
 from build_tiny import cosine_lr, to_tensor, to_uint8, train_step  # noqa: E402
+
+import common  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -319,3 +319,36 @@ def test_vae_lines_rejects_bad_flags_in_one_line(argv, message, capsys):
         vae_lines.parse_args(argv)
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_reward_vs_judge_reads_the_run_and_its_eval_sampler_matches_the_judges_quick_check(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    """A stand-in run folder (the base UNet, rollouts of 3 steps at eta 1): the eval row's judge rate equals
+    common.tiny_judge_accuracies on the same seeds, the other rows use the run's steps and eta; bad input is refused."""
+    import reward_vs_judge
+    import torch
+
+    import common
+    import rl_critic
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(rl_critic, "fit_classifier", lambda model, **kw: rl_critic.SmallCNN().eval())  # no 6-min fit
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(os.path.join(ROOT, "data", "tiny-sd", "unet"), run / "unet")
+    args = dict(model="tiny", concept="church", sample_steps=3, eta=1.0, guidance=7.5)
+    write(run / "args.json", dict(method="rl_critic", args=args))
+    table = reward_vs_judge.main(reward_vs_judge.parse_args([str(run), "--n", "6", "--reward_cnn", "small"]))
+    rows = {r["sampler"]: r for r in table}
+    assert [(rows[s]["steps"], rows[s]["eta"]) for s in reward_vs_judge.SAMPLERS] == [(25, 0.0), (3, 0.0), (3, 1.0)]
+    quick = common.tiny_judge_accuracies(tiny_model, [tiny_model.unet], ["church"], 6)[0]["church"]
+    assert rows["eval"]["judge_rate"] == pytest.approx(quick) and quick >= 5 / 6  # the base model draws churches
+    assert all(0 <= r["small_rate"] <= 1 and 0 <= r["small_p"] <= 1 for r in table)
+    assert "| small CNN: concept (mean p)" in capsys.readouterr().out
+    with pytest.raises(common.UsageError, match="needs --concept"):
+        reward_vs_judge.main(reward_vs_judge.parse_args(["tiny"]))
+    with pytest.raises(common.UsageError, match="not a finished rl_critic.py run folder"):
+        reward_vs_judge.main(reward_vs_judge.parse_args([str(tmp_path)]))
+    with pytest.raises(common.UsageError, match="differs from the run's concept"):
+        reward_vs_judge.main(reward_vs_judge.parse_args([str(run), "--concept", "parachute"]))
