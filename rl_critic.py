@@ -84,6 +84,7 @@ WORLD_DEFAULTS = {
         reward="classifier",
         kl_weight=0.1,
         forget_kl_weight=0.1,
+        forget_reward="absent",
     ),
     "sd": dict(
         steps=40,
@@ -96,6 +97,7 @@ WORLD_DEFAULTS = {
         reward="clip",
         kl_weight=0.0,  # the trust regions are not measured on SD (no GPU here)
         forget_kl_weight=0.0,
+        forget_reward="absent",
     ),
 }
 # The tiny world's reward CNNs (fit_classifier's settings), chosen with --reward_cnn; "both" is the pessimistic
@@ -158,6 +160,13 @@ def parse_args(argv=None):
         "fitted once on first use, 6 and 14 CPU-minutes, and cached in runs/.cache/)",
     )
     p.add_argument(
+        "--forget_reward",
+        default=None,
+        choices=["absent", "other"],
+        help="a forget rollout's reward: absent = -p(concept) (the paper's); other = the largest retain-class "
+        "probability minus p(concept), so the image must clearly show something else (default absent)",
+    )
+    p.add_argument(
         "--advantage",
         default="gae",
         choices=["td", "gae", "baseline", "none"],
@@ -189,6 +198,13 @@ def parse_args(argv=None):
         help="weight of KL(pi_theta(. | c_f) || pi_ref(. | empty prompt)) on forget prompts: a trust region toward "
         "what the reference draws with no prompt (tiny 0.1, sd 0)",
     )
+    p.add_argument(
+        "--reward_purify",
+        type=int,
+        default=0,
+        help="0: the reward model reads the final image; T > 0: it reads what the frozen reference model makes of the "
+        "final latents diffused to timestep T and denoised with the empty prompt (DiffPure; see purify)",
+    )
     p.add_argument("--forget_fraction", type=float, default=0.5, help="fraction of each batch given forget prompts")
     p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps of a rollout (tiny 10, sd 20)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of rollouts (> 0: a stochastic policy)")
@@ -214,12 +230,22 @@ def parse_args(argv=None):
     for name in ["critic_width", "critic_epochs", "per_prompt_buffer"]:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ["sample_every", "save_every", "kl_weight", "forget_kl_weight", "critic_warmup", "lora_rank"]:
+    for name in [
+        "sample_every",
+        "save_every",
+        "kl_weight",
+        "forget_kl_weight",
+        "critic_warmup",
+        "lora_rank",
+        "reward_purify",
+    ]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
     for name in ["lr", "critic_lr", "clip_range", "adv_clip", "max_grad_norm", "eta"]:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0 (got {getattr(args, name)})")
+    if args.reward_purify >= 1000:
+        p.error(f"--reward_purify must be a timestep below 1000, or 0 for off (got {args.reward_purify})")
     if not 0 < args.train_fraction <= 1:
         p.error(f"--train_fraction must be in (0, 1] (got {args.train_fraction})")
     for name in ["gae_lambda", "forget_fraction"]:
@@ -511,6 +537,38 @@ def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800, augmen
     return net
 
 
+@torch.no_grad()
+def purify(model, x0: torch.Tensor, t_star: int, steps: int, uncond: torch.Tensor, generator) -> torch.Tensor:
+    """What the frozen reference model makes of the final latents once they are partly noised again: diffuse x_0 to
+    t* (DiffPure, Nie et al. 2022, arXiv 2205.07460, eq. 4: x(t*) = sqrt(abar_t*) x_0 + sqrt(1 - abar_t*) eps), then
+    denoise with the reference UNet and the empty prompt on the rollouts' DDIM grid (`steps` steps over 1000;
+    deterministic, eq. 12 of Song et al. 2021), starting at the grid's last timestep <= t*. Image details that fool
+    the reward model but are not what the model would draw are washed out; the layout and colours stay."""
+    ts = [t for t in common.ddim_timesteps(model.scheduler, steps) if t <= t_star]
+    if not ts:
+        return x0
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    x = model.scheduler.add_noise(x0, noise, torch.full((len(x0),), ts[0], device=x0.device))
+    text = uncond.expand(len(x0), -1, -1)
+    for t in ts:
+        eps = model.unet(x, torch.full((len(x),), t, device=x.device), text).sample
+        x = common.ddim_step(model.scheduler, eps, t, x, steps)[0].to(x0.dtype)
+    return x
+
+
+def terminal_rewards(p: torch.Tensor, own: torch.Tensor, is_forget: torch.Tensor, forget_reward: str) -> torch.Tensor:
+    """Rewards (B,) from the reward model's probabilities p (B, K) over [concept, *retain labels]: a retain prompt's is
+    p(its own label); a forget prompt's is -p(concept) (`absent`, the paper's), or max_k p(retain label k) - p(concept)
+    (`other`: the image must also show something else clearly, so a blob the reward model cannot place earns less
+    than a clear image of another class; the two rewards' gradients differ only there)."""
+    rows = torch.arange(len(p))
+    if forget_reward == "absent":
+        forget = -p[:, 0]
+    else:
+        forget = p[:, 1:].amax(-1) - p[:, 0]
+    return torch.where(is_forget, forget, p[rows, own])
+
+
 def reward_labels(prompts: dict) -> tuple[list[str], list[int]]:
     """Labels of the reward model (the concept first) and, per retain prompt, the index of its own label."""
     if prompts["kind"] == "class":
@@ -609,6 +667,9 @@ def main(args):
     n_kl = (2 * (B - n_forget) if args.kl_weight else 0) + (n_forget if args.forget_kl_weight else 0)  # guided: 2
     if n_kl:
         pass_sets["kl"] = [(model.unet, n_kl, False)]
+    n_purify = len([t for t in timesteps.tolist() if t <= args.reward_purify])  # reference forwards of B latents
+    if n_purify:
+        pass_sets["purify"] = [(model.unet, B, False)]
     clock = common.UNetPassClock(model, pass_sets, args.steps - start)
     phases = dict(rollout=0.0, reward=0.0, critic=0.0, kl_reference=0.0, policy=0.0)  # seconds, for summary.json
 
@@ -638,12 +699,15 @@ def main(args):
         lat, old_logp = traj["latents"].float(), traj["log_probs"].float()  # (T+1, B, 4, h, w) x_T..x_0, (T, B)
         t_lap = lap("rollout", t0)
         # 2. rewards on the decoded final image
-        p = reward_model.probs(common.decode(model, lat[-1]))  # (B, K)
+        x0 = lat[-1]
+        if args.reward_purify:
+            with common.autocast(model.device, model.dtype):
+                x0 = purify(model, x0.to(model.dtype), args.reward_purify, T, uncond, gen)
+        p = reward_model.probs(common.decode(model, x0))  # (B, K)
         own = torch.tensor(
             [0 if f else retain_label[i - len(prompts["forget"])] for f, i in zip(is_forget, idx.tolist())]
         )
-        p_own = p[torch.arange(B), own.to(p.device)].float().cpu()
-        rewards = torch.where(is_forget, -p_own, p_own)  # forget: -p(concept); retain: p(own class)
+        rewards = terminal_rewards(p.float().cpu(), own, is_forget, args.forget_reward)
         t_lap = lap("reward", t_lap)
         # 3. critic values at the states before each action, advantages, then the critic's own fit
         t_flat = timesteps.repeat_interleave(B).to(model.device)  # (T*B,)
@@ -766,13 +830,14 @@ def main(args):
 
     # PLUMBING: timing summary. Efficiency = time per iteration / time of the UNet passes it needs: T guided
     # forwards of B latents (rollout) and inner_epochs x T guided forward/backwards (update), plus the reference's
-    # forwards for --critic_input clean and --kl_weight.
+    # forwards for --critic_input clean, --kl_weight and --reward_purify.
     n_iter = args.steps - start
     n_upd = n_iter - max(0, min(args.critic_warmup, args.steps) - start) if args.advantage != "none" else n_iter
     rollout = T * clock.seconds("rollout")
     update = args.inner_epochs * args.num_minibatches * T_train * clock.seconds("update")
     extra = T * clock.seconds("clean") if args.critic_input == "clean" else 0.0
     extra += T_train * clock.seconds("kl") if n_kl else 0.0
+    extra += n_purify * clock.seconds("purify") if n_purify else 0.0
     unet_time = n_iter * (rollout + extra) + n_upd * update
     summary = dict(
         wall_seconds=time.perf_counter() - t_start,

@@ -284,6 +284,34 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
 
 
+def test_purify_keeps_the_image_at_small_t_and_redraws_more_of_it_at_larger_t(tiny_model):
+    """--reward_purify T: diffuse the final latents to the rollout grid's last timestep <= T and denoise them with the
+    reference: below the grid it is the identity; at t = 1 nearly so; the change grows with T."""
+    model = tiny_model
+    cond = common.encode_prompts(model, ["an image of a church", "an image of a parachute"] * 2)
+    x0 = common.sample(model, cond, common.initial_latents(model, [0, 1, 2, 3]), steps=10)
+    uncond = common.encode_prompts(model, [""])
+    change = {}
+    for t_star in [0, 1, 401, 901]:
+        out = rl_critic.purify(model, x0, t_star, 10, uncond, torch.Generator().manual_seed(0))
+        assert out.shape == x0.shape
+        change[t_star] = ((out - x0).norm() / x0.norm()).item()
+    assert change[0] == 0.0 and change[1] < 0.05
+    assert change[1] < change[401] < change[901] and change[901] > 0.5
+
+
+def test_forget_reward_other_pays_for_a_clear_other_class_and_absent_does_not():
+    """Columns: concept, then two retain labels. Rows: a forget blob (nothing clear), a forget image clearly of retain
+    label 2, a forget image of the concept, and a retain prompt whose own label is column 1."""
+    p = torch.tensor([[0.1, 0.45, 0.45], [0.1, 0.0, 0.9], [0.8, 0.1, 0.1], [0.2, 0.7, 0.1]])
+    own = torch.tensor([0, 0, 0, 1])
+    is_forget = torch.tensor([True, True, True, False])
+    absent = rl_critic.terminal_rewards(p, own, is_forget, "absent")
+    other = rl_critic.terminal_rewards(p, own, is_forget, "other")
+    assert torch.allclose(absent, torch.tensor([-0.1, -0.1, -0.8, 0.7]))  # the blob and the clear image tie
+    assert torch.allclose(other, torch.tensor([0.35, 0.8, -0.7, 0.7]))  # the clear image earns more; retain same
+
+
 def test_strong_reward_cnn_augmentation_shifts_blurs_and_rescales_contrast():
     x = torch.zeros(64, 3, 32, 32)
     x[:, :, 15:17, 15:17] = 1.0  # a 2x2 dot in the middle
@@ -334,6 +362,9 @@ def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probabi
         (["--train_fraction", "0"], "--train_fraction must be in (0, 1]"),
         (["--train_params", "attn"], "invalid choice: 'attn'"),
         (["--reward_cnn", "big"], "invalid choice: 'big'"),
+        (["--forget_reward", "none"], "invalid choice: 'none'"),
+        (["--reward_purify", "1000"], "--reward_purify must be a timestep below 1000, or 0 for off (got 1000)"),
+        (["--reward_purify", "-1"], "--reward_purify must be >= 0 (got -1)"),
     ],
 )
 def test_bad_flags_give_one_line(argv, message, capsys):
@@ -356,8 +387,8 @@ KEPT_CLASSES = ["tench", "garbage truck", "parachute"]
 
 
 def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd, tmp_path):
-    """The first 10 iterations of the default run (seed 0; it has 80): the judge, which is not the reward classifier, must
-    see far fewer churches on the evaluation seeds while it still sees the other classes about as often as before.
+    """The first 10 iterations of the default run (seed 0; it has 80): the judge, which is not the reward classifier,
+    must see far fewer churches on the evaluation seeds while it still sees the other classes about as often as before.
     Measured before this test was written (church 1.00 -> after, tench / garbage truck / parachute before 0.81 / 0.88
     / 1.00 -> after): seed 0 0.25, 0.62 / 1.00 / 1.00; seed 1 0.00, 0.69 / 1.00 / 1.00; seed 2 0.19, 0.81 / 0.88 /
     1.00. (The README's numbers are eval.py on the full 80-iteration runs.)"""
