@@ -51,7 +51,8 @@ Tiny world (the default --model tiny, 2 CPU cores, fp32):
     defaults (--kl_weight 0.1 --forget_kl_weight 0.1, 80 iterations), eval.py over 3 seeds: UA 0.887 (church),
     0.887 (garbage truck), 0.867 (parachute), RA within 2.4 points of base: close to, not yet at, the tiny world's
     bar of 0.90. Neither --reward_cnn strong (0.887, 0.933, 0.793), --reward_cnn both (0.900, 0.887, 0.813) nor 160
-    iterations (0.907, 0.967, 0.860) gets all three classes there (README).
+    iterations (0.907, 0.967, 0.860) gets all three classes there; --forget_reward other and --reward_purify 401
+    did worse on parachute seed 0 (README).
 
 Outputs in runs/rl_critic__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers, LoRA merged),
 critic.safetensors, samples.png (before | after), summary.json (timing, memory, critic explained variance),
@@ -164,7 +165,8 @@ def parse_args(argv=None):
         default=None,
         choices=["absent", "other"],
         help="a forget rollout's reward: absent = -p(concept) (the paper's); other = the largest retain-class "
-        "probability minus p(concept), so the image must clearly show something else (default absent)",
+        "probability minus p(concept), so the image must clearly show something else (default absent; in the tiny "
+        "world other fooled the reward CNN more, README)",
     )
     p.add_argument(
         "--advantage",
@@ -203,7 +205,8 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="0: the reward model reads the final image; T > 0: it reads what the frozen reference model makes of the "
-        "final latents diffused to timestep T and denoised with the empty prompt (DiffPure; see purify)",
+        "final latents diffused to timestep T and denoised with the empty prompt (DiffPure; see purify; in the tiny "
+        "world 401 did not stop the fooling, README)",
     )
     p.add_argument("--forget_fraction", type=float, default=0.5, help="fraction of each batch given forget prompts")
     p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps of a rollout (tiny 10, sd 20)")
@@ -542,8 +545,9 @@ def purify(model, x0: torch.Tensor, t_star: int, steps: int, uncond: torch.Tenso
     """What the frozen reference model makes of the final latents once they are partly noised again: diffuse x_0 to
     t* (DiffPure, Nie et al. 2022, arXiv 2205.07460, eq. 4: x(t*) = sqrt(abar_t*) x_0 + sqrt(1 - abar_t*) eps), then
     denoise with the reference UNet and the empty prompt on the rollouts' DDIM grid (`steps` steps over 1000;
-    deterministic, eq. 12 of Song et al. 2021), starting at the grid's last timestep <= t*. Image details that fool
-    the reward model but are not what the model would draw are washed out; the layout and colours stay."""
+    deterministic, eq. 12 of Song et al. 2021), starting at the grid's largest timestep <= t*. Meant to wash out
+    image details that fool the reward model but are not what the model would draw, keeping layout and colours
+    (README: at t* = 401 the fooling survived)."""
     ts = [t for t in common.ddim_timesteps(model.scheduler, steps) if t <= t_star]
     if not ts:
         return x0
