@@ -124,6 +124,13 @@ def parse_args(argv=None):
         "--steps", type=int, default=None, help="RL iterations (a batch of rollouts + its updates each; tiny 80, sd 40)"
     )
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the policy (tiny 1e-3, sd 3e-4)")
+    p.add_argument(
+        "--lr_decay",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="the policy's learning rate over the run: constant, or a cosine down to 0 at --steps (so continuing a "
+        "run to more --steps changes the schedule)",
+    )
     p.add_argument("--batch_size", type=int, default=None, help="trajectories per iteration (tiny 32, sd 8)")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy, torch, the rollouts and the shuffles")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
@@ -410,6 +417,13 @@ def reference_eps(unet, x, t, cond, uncond, rows_r, rows_f, guidance: float) -> 
     return eps
 
 
+def policy_lr(lr: float, decay: str, step: int, steps: int) -> float:
+    """The policy's learning rate at iteration `step` (0-based) of `steps`: constant, or a cosine from lr down to 0
+    over the run (lr (1 + cos(pi step / steps)) / 2; Loshchilov & Hutter, SGDR, arXiv 1608.03983, eq. 5 without
+    restarts)."""
+    return lr if decay == "constant" else lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     """CleanRL's explained_var: 1 - Var(target - pred) / Var(target) (nan when the target is constant)."""
     var = target.var()
@@ -688,6 +702,8 @@ def main(args):
     for step in tqdm(range(start, args.steps), desc="rl_critic", initial=start, total=args.steps):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # rollouts and shuffles of this iteration
+        for group in opt.param_groups:  # --lr_decay: set from the iteration index, so a resumed run follows it too
+            group["lr"] = policy_lr(args.lr, args.lr_decay, step, args.steps)
         # 1. rollouts: n_forget forget prompts, the rest cycling through the retain prompts (random order)
         idx_f = torch.arange(n_forget) % len(prompts["forget"])
         idx_r = len(prompts["forget"]) + torch.randperm(len(prompts["retain"]), generator=gen).repeat(B)[: B - n_forget]
@@ -810,6 +826,7 @@ def main(args):
                 opt.step()
         for key in logs[0] if logs else []:
             stats[key] = torch.stack([lg[key] for lg in logs]).mean().item()
+        stats["lr"] = opt.param_groups[0]["lr"]
         stats["reward_forget"] = rewards[is_forget].mean().item()
         stats["reward_retain"] = rewards[~is_forget].mean().item()
         stats["p_concept_forget"] = p[is_forget.to(p.device), 0].mean().item()

@@ -221,7 +221,7 @@ def run_script(argv, check=True):
     [
         [],
         ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"],
-        ["--kl_weight", "0"],
+        ["--kl_weight", "0", "--lr_decay", "cosine"],
     ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
@@ -236,6 +236,8 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2]
     assert all(np.isfinite(ln["reward_forget"]) and np.isfinite(ln["reward_retain"]) for ln in lines)
+    lr = 1e-3  # the tiny default; the cosine is at half of it after 1 of 2 iterations
+    assert [ln["lr"] for ln in lines] == pytest.approx([lr, lr / 2] if "cosine" in extra else [lr, lr])
     for key in ["pg_loss", "approx_kl", "old_approx_kl", "clipfrac"]:
         assert np.isfinite(lines[1][key]) and (key not in lines[0]) == ("--advantage" not in extra)
     assert ("explained_var" in lines[0]) == ("--advantage" not in extra)
@@ -282,6 +284,13 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same weights as the uninterrupted run
     ca, cb = load_file(tmp_path / "a" / "critic.safetensors"), load_file(tmp_path / "b" / "critic.safetensors")
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
+
+
+def test_cosine_lr_decays_from_lr_to_zero_over_the_run():
+    lrs = [rl_critic.policy_lr(1e-3, "cosine", step, 80) for step in range(80)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[40] == pytest.approx(5e-4) and 0 < lrs[-1] < 1e-5
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {rl_critic.policy_lr(1e-3, "constant", step, 80) for step in range(80)} == {1e-3}
 
 
 def test_purify_keeps_the_image_at_small_t_and_redraws_more_of_it_at_larger_t(tiny_model):
@@ -363,6 +372,7 @@ def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probabi
         (["--train_params", "attn"], "invalid choice: 'attn'"),
         (["--reward_cnn", "big"], "invalid choice: 'big'"),
         (["--forget_reward", "none"], "invalid choice: 'none'"),
+        (["--lr_decay", "linear"], "invalid choice: 'linear'"),
         (["--reward_purify", "1000"], "--reward_purify must be a timestep below 1000, or 0 for off (got 1000)"),
         (["--reward_purify", "-1"], "--reward_purify must be >= 0 (got -1)"),
     ],
