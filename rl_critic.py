@@ -613,7 +613,10 @@ def main(args):
     fill_world_defaults(args, model.world)
     if args.reward == "classifier" and prompts["kind"] != "class":
         raise common.UsageError(f"--reward classifier needs an Imagenette class as --concept (got {args.concept!r})")
-    run = common.init_run(args, "rl_critic", model, extra=dict(reward_model=REWARD_MODELS[(model.world, args.reward)]))
+    reward_src = REWARD_MODELS[(model.world, args.reward)]
+    if model.world == "tiny" and args.reward == "classifier":
+        reward_src += f", --reward_cnn {args.reward_cnn}"
+    run = common.init_run(args, "rl_critic", model, extra=dict(reward_model=reward_src))
     t_start = time.perf_counter()
     labels, retain_label = reward_labels(prompts)
     reward_model = Reward(args.reward, model, labels, args.seed, args.reward_cnn)
@@ -647,7 +650,7 @@ def main(args):
     T_train = math.ceil(args.train_fraction * T)  # the policy's loss covers steps 0..T_train-1 (x_T first)
     print(
         f"rl_critic: {model.path} ({model.world}) on {model.device} {model.dtype}; concept {prompts['concept']!r}; "
-        f"reward {args.reward} ({REWARD_MODELS[(model.world, args.reward)]}); advantage {args.advantage}; "
+        f"reward {args.reward} ({reward_src}); advantage {args.advantage}; "
         f"{sum(p.numel() for p in params) / 1e6:.3f}M trained parameters ({args.train_params}); {args.steps} "
         f"iterations of {B} trajectories ({n_forget} forget) x {T} DDIM steps (eta {args.eta}; the first {T_train} "
         f"trained), lr {args.lr}, "

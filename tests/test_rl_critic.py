@@ -409,6 +409,8 @@ def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd,
     run = rl_critic.main(
         rl_critic.parse_args(["--concept", "church", "--steps", "10", "--out_dir", str(tmp_path / "r")])
     )
+    with open(os.path.join(run, "args.json")) as f:
+        assert json.load(f)["reward_model"].endswith("--reward_cnn small")  # which reward CNN, for the record
     model = common.load_model(tiny_sd, device="cpu")
     trained = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
     before, after = common.tiny_judge_accuracies(model, [model.unet, trained], ["church", *KEPT_CLASSES], n=16)
