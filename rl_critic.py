@@ -85,7 +85,6 @@ WORLD_DEFAULTS = {
         reward="classifier",
         kl_weight=0.1,
         forget_kl_weight=0.1,
-        forget_reward="absent",
     ),
     "sd": dict(
         steps=40,
@@ -98,7 +97,6 @@ WORLD_DEFAULTS = {
         reward="clip",
         kl_weight=0.0,  # the trust regions are not measured on SD (no GPU here)
         forget_kl_weight=0.0,
-        forget_reward="absent",
     ),
 }
 # The tiny world's reward CNNs (fit_classifier's settings), chosen with --reward_cnn; "both" is the pessimistic
@@ -169,11 +167,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--forget_reward",
-        default=None,
+        default="absent",
         choices=["absent", "other"],
         help="a forget rollout's reward: absent = -p(concept) (the paper's); other = the largest retain-class "
-        "probability minus p(concept), so the image must clearly show something else (default absent; in the tiny "
-        "world other fooled the reward CNN more, README)",
+        "probability minus p(concept), so the image must clearly show something else (in the tiny world other fooled "
+        "the reward CNN more, README)",
     )
     p.add_argument(
         "--advantage",
