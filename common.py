@@ -775,8 +775,12 @@ def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra:
     _replace_dir(tmp, os.path.join(run, "checkpoint"))
 
 
-def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
-    """Restore what save_checkpoint wrote; returns {"step", "extra"}. Truncates metrics.jsonl to that step."""
+def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple = ()) -> dict:
+    """Restore what save_checkpoint wrote; returns {"step", "extra", "absent"}. Truncates metrics.jsonl to that step.
+
+    A module named in `optional` may be missing from the checkpoint (it is left as it is and listed in "absent");
+    any other missing module is an error.
+    """
     from safetensors.torch import load_file
 
     folder = os.path.join(run, "checkpoint")
@@ -784,9 +788,19 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
         raise UsageError(f"--resume: {run!r} has no checkpoint to resume from")
     tensors = load_file(os.path.join(folder, "state.safetensors"))
     meta = json.load(open(os.path.join(folder, "state.json")))
+    absent = []
     for name, m in modules.items():
         prefix = f"module.{name}."
-        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state and name in optional:
+            absent.append(name)
+            continue
+        if not state:
+            raise UsageError(
+                f"--resume: the checkpoint in {run!r} has no {name!r} state; resume with the flags the run was started "
+                "with (its args.json)"
+            )
+        m.load_state_dict(state)
     for name, opt in optimizers.items():
         om = meta["optimizers"][name]
         state = {}
@@ -805,7 +819,7 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
     if os.path.exists(metrics):
         lines = [ln for ln in open(metrics) if ln.strip() and json.loads(ln)["step"] <= meta["step"]]
         atomic_write(metrics, lambda f: f.writelines(lines))
-    return dict(step=meta["step"], extra=meta["extra"])
+    return dict(step=meta["step"], extra=meta["extra"], absent=absent)
 
 
 def tiny_judge_accuracies(

@@ -194,6 +194,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping of the policy")
     p.add_argument(
+        "--average_from",
+        type=int,
+        default=0,
+        help="N > 0: unet/ holds the uniform average of the trained weights after iterations N+1..steps (stochastic "
+        "weight averaging, against the policy wandering once the reward has plateaued); 0: the last weights",
+    )
+    p.add_argument(
         "--kl_weight",
         type=float,
         default=None,
@@ -247,6 +254,7 @@ def parse_args(argv=None):
         "critic_warmup",
         "lora_rank",
         "reward_purify",
+        "average_from",
     ]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
@@ -594,13 +602,47 @@ def reward_labels(prompts: dict) -> tuple[list[str], list[int]]:
     return [prompts["concept"], *unique], [1 + unique.index(p) for p in prompts["retain"]]
 
 
-def merged_unet(unet, lora: bool):
-    """The UNet to save/evaluate: a copy with the LoRA weights fused in (plain diffusers), or the UNet itself."""
-    if not lora:
+class WeightAverage(torch.nn.Module):
+    """Uniform running average of the trained parameters, as in stochastic weight averaging (Izmailov et al.,
+    "Averaging Weights Leads to Wider Optima and Better Generalization", arXiv 1803.05407, Algorithm 1:
+    w_swa <- (w_swa * n + w) / (n + 1)). A module, so its buffers go into the checkpoint and --resume continues it.
+    With LoRA the factors are averaged separately (the average of B A is not B_avg A_avg; an approximation)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        params = dict(unet.named_parameters())
+        for n in self.names:
+            self.register_buffer(n.replace(".", "__"), params[n].detach().float().clone())
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, unet) -> None:
+        self.count += 1
+        params = dict(unet.named_parameters())
+        for n in self.names:
+            avg = getattr(self, n.replace(".", "__"))
+            avg += (params[n].detach().float() - avg) / self.count  # Algorithm 1's running mean
+
+    @torch.no_grad()
+    def copy_into(self, unet) -> None:
+        params = dict(unet.named_parameters())
+        for n in self.names:
+            params[n].copy_(getattr(self, n.replace(".", "__")))
+
+
+def merged_unet(unet, lora: bool, average: WeightAverage | None = None):
+    """The UNet to save/evaluate: the trained UNet itself, or a copy with the averaged weights (`average`, once it
+    has seen an iteration) and the LoRA weights fused in (plain diffusers)."""
+    use_average = average is not None and int(average.count) > 0
+    if not lora and not use_average:
         return unet
     out = copy.deepcopy(unet)
-    out.fuse_lora()
-    out.unload_lora()
+    if use_average:
+        average.copy_into(out)
+    if lora:
+        out.fuse_lora()
+        out.unload_lora()
     return out
 
 
@@ -610,6 +652,8 @@ def main(args):
     common.seed_everything(args.seed)
     model = common.load_model(args.model, args.device, args.dtype)
     fill_world_defaults(args, model.world)
+    if args.average_from >= args.steps:
+        raise common.UsageError(f"--average_from {args.average_from} must be below --steps {args.steps} (0: off)")
     if args.reward == "classifier" and prompts["kind"] != "class":
         raise common.UsageError(f"--reward classifier needs an Imagenette class as --concept (got {args.concept!r})")
     reward_src = REWARD_MODELS[(model.world, args.reward)]
@@ -638,11 +682,19 @@ def main(args):
     opt = torch.optim.Adam(params, lr=args.lr)
     opt_v = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     modules, optimizers = {"unet": unet, "critic": critic}, {"opt": opt, "opt_v": opt_v}
+    average = WeightAverage(unet) if args.average_from else None
+    if average is not None:
+        modules["average"] = average
     stats_tracker = PerPromptStats(args.per_prompt_buffer)
     start = 0
     if args.resume:
-        ck = common.load_checkpoint(run, modules, optimizers)
+        ck = common.load_checkpoint(run, modules, optimizers, optional=("average",))
         start, stats_tracker.history = ck["step"], ck["extra"]["per_prompt_history"]
+        if "average" in ck["absent"] and start > args.average_from:  # a run started without --average_from
+            raise common.UsageError(
+                f"--resume at iteration {start} with --average_from {args.average_from}: the checkpoint has no weight "
+                f"average to continue (the run was started without it); use --average_from >= {start}"
+            )
     B, T = args.batch_size, args.sample_steps
     n_forget = max(1, min(B - 1, round(args.forget_fraction * B)))
     timesteps = torch.tensor(common.ddim_timesteps(model.scheduler, T))
@@ -654,13 +706,15 @@ def main(args):
         f"iterations of {B} trajectories ({n_forget} forget) x {T} DDIM steps (eta {args.eta}; the first {T_train} "
         f"trained), lr {args.lr}, "
         f"{args.inner_epochs} inner epochs x {args.num_minibatches} minibatches; run {run}"
+        + (f"; unet/ will hold the average of the weights after iterations {args.average_from + 1}-{args.steps}"
+           if average is not None else "")
         + (f"; resuming at iteration {start}" if start else "")
     )
 
     def save(step: int) -> None:
         from safetensors.torch import save_file
 
-        common.save_unet(merged_unet(unet, args.lora_rank > 0), os.path.join(run, "unet"))
+        common.save_unet(merged_unet(unet, args.lora_rank > 0, average), os.path.join(run, "unet"))
         tmp = os.path.join(run, "critic.safetensors.tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in critic.state_dict().items()}, tmp)
         os.replace(tmp, os.path.join(run, "critic.safetensors"))
@@ -670,7 +724,7 @@ def main(args):
         grid_prompts = prompts["forget"][:1] + list(dict.fromkeys(prompts["retain"]))[:3]
         common.sample_grid(
             model,
-            [model.unet, merged_unet(unet, args.lora_rank > 0)],
+            [model.unet, merged_unet(unet, args.lora_rank > 0, average)],
             grid_prompts,
             os.path.join(run, "samples.png"),
             guidance=args.guidance,
@@ -828,6 +882,9 @@ def main(args):
                 opt.step()
         for key in logs[0] if logs else []:
             stats[key] = torch.stack([lg[key] for lg in logs]).mean().item()
+        if average is not None and step >= args.average_from:  # iteration step + 1 > N: into the average
+            average.update(unet)
+            stats["averaged"] = int(average.count)
         stats["lr"] = opt.param_groups[0]["lr"]
         stats["reward_forget"] = rewards[is_forget].mean().item()
         stats["reward_retain"] = rewards[~is_forget].mean().item()
