@@ -706,8 +706,11 @@ def main(args):
         f"iterations of {B} trajectories ({n_forget} forget) x {T} DDIM steps (eta {args.eta}; the first {T_train} "
         f"trained), lr {args.lr}, "
         f"{args.inner_epochs} inner epochs x {args.num_minibatches} minibatches; run {run}"
-        + (f"; unet/ will hold the average of the weights after iterations {args.average_from + 1}-{args.steps}"
-           if average is not None else "")
+        + (
+            f"; unet/ will hold the average of the weights after iterations {args.average_from + 1}-{args.steps}"
+            if average is not None
+            else ""
+        )
         + (f"; resuming at iteration {start}" if start else "")
     )
 

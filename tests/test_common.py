@@ -304,6 +304,12 @@ def test_run_folder_checkpoint_round_trip(tiny_model, tmp_path):
     assert state["step"] == 2 and all(torch.equal(net2.state_dict()[k], v) for k, v in saved.items())
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], saved_opt)
     assert [json.loads(ln)["step"] for ln in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    extra = torch.nn.Linear(2, 2)  # a module the checkpoint does not hold: an error, unless optional
+    with pytest.raises(common.UsageError, match="has no 'extra' state; resume with the flags the run was started"):
+        common.load_checkpoint(run, {"net": net2, "extra": extra}, {"opt": opt2})
+    before = extra.weight.clone()
+    state = common.load_checkpoint(run, {"net": net2, "extra": extra}, {"opt": opt2}, optional=("extra",))
+    assert state["absent"] == ["extra"] and torch.equal(extra.weight, before)
     with pytest.raises(common.UsageError, match="nan at step 5"):
         common.check_finite(torch.tensor(float("nan")), 5)
 

@@ -286,6 +286,67 @@ def test_resume_continues_where_the_run_stopped(tiny_sd, tmp_path):
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
 
 
+def test_weight_average_is_the_running_mean_and_saving_it_leaves_the_trained_unet_alone():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    net[1].requires_grad_(False)  # only trained parameters are averaged
+    avg = rl_critic.WeightAverage(net)
+    assert avg.names == ["0.weight", "0.bias"] and int(avg.count) == 0
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            net[0].weight.normal_()
+        seen.append(net[0].weight.detach().clone())
+        avg.update(net)
+    assert int(avg.count) == 3
+    out = rl_critic.merged_unet(net, lora=False, average=avg)
+    assert out is not net and torch.allclose(out[0].weight, torch.stack(seen).mean(0), atol=1e-6)
+    assert torch.equal(net[0].weight, seen[-1]) and torch.equal(out[1].weight, net[1].weight)
+    assert rl_critic.merged_unet(net, lora=False, average=rl_critic.WeightAverage(net)) is net  # nothing averaged yet
+
+
+def test_average_from_saves_the_mean_of_the_weights_and_resumes_it(tiny_sd, tmp_path):
+    """--average_from 1 --steps 3: unet/ holds the mean of the trained weights after iterations 2 and 3; a run
+    stopped after iteration 2 and resumed ends with the same unet/ as the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    flags = ["--model", tiny_sd, *FAST, "--save_every", "1", "--average_from", "1"]
+
+    def live(run):  # the trained UNet's own weights, from the checkpoint
+        state = load_file(run / "checkpoint" / "state.safetensors")
+        return {k[len("module.unet.") :]: v for k, v in state.items() if k.startswith("module.unet.")}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    rl_critic.main(rl_critic.parse_args(["--steps", "2", "--out_dir", str(a), *flags]))
+    w2 = live(a)
+    saved = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(saved[k], w2[k], atol=1e-6) for k in saved)  # an average of one iteration
+    rl_critic.main(rl_critic.parse_args(["--steps", "3", "--out_dir", str(a), "--resume", *flags]))
+    w3 = live(a)
+    saved = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = [k for k in saved if "attn2." in k]  # the tiny default trains cross-attention only
+    assert trained and any(not torch.equal(w2[k], w3[k]) for k in trained)
+    assert all(torch.allclose(saved[k], (w2[k] + w3[k]) / 2, atol=1e-6) for k in trained)
+    assert all(torch.equal(saved[k], w3[k]) for k in saved if k not in trained)
+    steps = [json.loads(ln) for ln in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [s.get("averaged") for s in steps] == [None, 1, 2]
+    rl_critic.main(rl_critic.parse_args(["--steps", "3", "--out_dir", str(b), *flags]))
+    other = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(saved[k], other[k], atol=1e-6) for k in saved)
+
+
+def test_average_from_needs_a_checkpoint_with_an_average_and_fewer_iterations(tiny_sd, tmp_path):
+    flags = ["--model", tiny_sd, *FAST, "--save_every", "1"]
+    run = str(tmp_path / "a")
+    with pytest.raises(common.UsageError, match="--average_from 3 must be below --steps 3"):
+        rl_critic.main(rl_critic.parse_args(["--steps", "3", "--out_dir", run, "--average_from", "3", *flags]))
+    rl_critic.main(rl_critic.parse_args(["--steps", "2", "--out_dir", run, *flags]))  # started without an average
+    resume = ["--steps", "3", "--out_dir", run, "--resume", *flags]
+    with pytest.raises(common.UsageError, match="checkpoint has no weight average"):
+        rl_critic.main(rl_critic.parse_args([*resume, "--average_from", "1"]))
+    rl_critic.main(rl_critic.parse_args([*resume, "--average_from", "2"]))  # an average that starts after it: fine
+    assert [json.loads(ln).get("averaged") for ln in open(os.path.join(run, "metrics.jsonl"))] == [None, None, 1]
+
+
 def test_cosine_lr_decays_from_lr_to_zero_over_the_run():
     lrs = [rl_critic.policy_lr(1e-3, "cosine", step, 80) for step in range(80)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[40] == pytest.approx(5e-4) and 0 < lrs[-1] < 1e-5
@@ -375,6 +436,7 @@ def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probabi
         (["--lr_decay", "linear"], "invalid choice: 'linear'"),
         (["--reward_purify", "1000"], "--reward_purify must be a timestep below 1000, or 0 for off (got 1000)"),
         (["--reward_purify", "-1"], "--reward_purify must be >= 0 (got -1)"),
+        (["--average_from", "-1"], "--average_from must be >= 0 (got -1)"),
     ],
 )
 def test_bad_flags_give_one_line(argv, message, capsys):
