@@ -214,6 +214,15 @@ def parse_args(argv=None):
         "what the reference draws with no prompt (tiny 0.1, sd 0)",
     )
     p.add_argument(
+        "--forget_anchor",
+        default="empty",
+        choices=["empty", "esd"],
+        help="the forget trust region's target: the reference's kernel with the empty prompt, or with ESD's "
+        "negatively guided eps(x, '') - eta (eps(x, c_f) - eps(x, '')) (the unprompted images still show the concept, "
+        "in the tiny world church in 13%% of them)",
+    )
+    p.add_argument("--negative_guidance", type=float, default=1.0, help="eta of --forget_anchor esd")
+    p.add_argument(
         "--reward_purify",
         type=int,
         default=0,
@@ -258,7 +267,7 @@ def parse_args(argv=None):
     ]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (got {getattr(args, name)})")
-    for name in ["lr", "critic_lr", "clip_range", "adv_clip", "max_grad_norm", "eta"]:
+    for name in ["lr", "critic_lr", "clip_range", "adv_clip", "max_grad_norm", "eta", "negative_guidance"]:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0 (got {getattr(args, name)})")
     if args.reward_purify >= 1000:
@@ -408,19 +417,26 @@ def kernel_kl(scheduler, eps: torch.Tensor, eps_ref: torch.Tensor, t: int, steps
     return float(k**2 / (2 * var)) * sq
 
 
-def reference_eps(unet, x, t, cond, uncond, rows_r, rows_f, guidance: float) -> torch.Tensor:
+def reference_eps(
+    unet, x, t, cond, uncond, rows_r, rows_f, guidance: float, negative_guidance: float | None = None
+) -> torch.Tensor:
     """The frozen reference's eps for the trust regions at states x (B, ...): guided (common.cfg_eps's arithmetic) on
-    the retain rows `rows_r`, eps(x, "") on the forget rows `rows_f`, zero elsewhere; float32. One UNet call on
-    [x_r | x_r | x_f] under ["" | c | ""], not two: a single batch is what the step efficiency's clock times, and two
-    smaller calls took 18% longer on a CPU (the kl_reference phase against its clock)."""
+    the retain rows `rows_r`; on the forget rows `rows_f` eps(x, ""), or with `negative_guidance` eta ESD's negatively
+    guided eps(x, "") - eta (eps(x, c_f) - eps(x, "")) (Gandikota et al., "Erasing Concepts from Diffusion Models",
+    arXiv 2303.07345, Sec. 3); zero elsewhere; float32. One UNet call on [x_r | x_r | x_f (| x_f)] under
+    ["" | c | "" (| c_f)], not two: a single batch is what the step efficiency's clock times, and two smaller calls
+    took 18% longer on a CPU (the kl_reference phase against its clock)."""
     n_r, n_f = int(rows_r.sum()), int(rows_f.sum())
-    x_in = torch.cat([x[rows_r], x[rows_r], x[rows_f]])
-    text = torch.cat([uncond.expand(n_r, -1, -1), cond[rows_r], uncond.expand(n_f, -1, -1)])
-    t_in = torch.cat([t[rows_r], t[rows_r], t[rows_f]])
-    eps_u, eps_c, eps_f = unet(x_in, t_in, text).sample.float().split([n_r, n_r, n_f])
+    x_in, t_in = [x[rows_r], x[rows_r], x[rows_f]], [t[rows_r], t[rows_r], t[rows_f]]
+    text, sizes = [uncond.expand(n_r, -1, -1), cond[rows_r], uncond.expand(n_f, -1, -1)], [n_r, n_r, n_f]
+    if negative_guidance is not None:  # the forget rows once more, under their own prompt
+        x_in, t_in, text, sizes = x_in + [x[rows_f]], t_in + [t[rows_f]], text + [cond[rows_f]], sizes + [n_f]
+    eps_u, eps_c, eps_f, *eps_fc = unet(torch.cat(x_in), torch.cat(t_in), torch.cat(text)).sample.float().split(sizes)
     eps = torch.zeros(x.shape, device=x.device)
     eps[rows_r] = eps_u + guidance * (eps_c - eps_u)
     eps[rows_f] = eps_f
+    if negative_guidance is not None:
+        eps[rows_f] = eps_f - negative_guidance * (eps_fc[0] - eps_f)  # ESD's target (Sec. 3)
     return eps
 
 
@@ -741,7 +757,8 @@ def main(args):
     pass_sets = {"rollout": [(unet, 2 * B, False)], "update": [(unet, 2 * mb_size, True)]}
     if args.critic_input == "clean":
         pass_sets["clean"] = [(model.unet, B, False)]
-    n_kl = (2 * (B - n_forget) if args.kl_weight else 0) + (n_forget if args.forget_kl_weight else 0)  # guided: 2
+    n_f_kl = n_forget * (2 if args.forget_anchor == "esd" else 1) if args.forget_kl_weight else 0
+    n_kl = (2 * (B - n_forget) if args.kl_weight else 0) + n_f_kl  # guided: 2 passes per row
     if n_kl:
         pass_sets["kl"] = [(model.unet, n_kl, False)]
     n_purify = len([t for t in timesteps.tolist() if t <= args.reward_purify])  # reference forwards of B latents
@@ -841,7 +858,15 @@ def main(args):
                 for k in range(T_train):
                     t_k = torch.full((B,), int(timesteps[k]), device=model.device)
                     eps_k = reference_eps(
-                        model.unet, lat[k].to(model.dtype), t_k, cond, uncond, rows_r, rows_f, args.guidance
+                        model.unet,
+                        lat[k].to(model.dtype),
+                        t_k,
+                        cond,
+                        uncond,
+                        rows_r,
+                        rows_f,
+                        args.guidance,
+                        args.negative_guidance if args.forget_anchor == "esd" else None,
                     )
                     kl_ref.append(eps_k[kl_rows.to(model.device)])
         t_lap = lap("kl_reference", t_lap)

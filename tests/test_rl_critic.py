@@ -156,6 +156,14 @@ def test_reference_eps_in_one_call_equals_separate_guided_and_unguided_calls(tin
             assert torch.allclose(eps[i : i + 1], want, atol=1e-4), i
         only_f = rl_critic.reference_eps(tiny_model.unet, x, t, cond, uncond, torch.zeros(5, dtype=bool), rows_f, 7.5)
     assert torch.allclose(only_f[rows_f], eps[rows_f], atol=1e-5) and only_f[rows_r].abs().max() == 0
+    # --forget_anchor esd: the forget rows get eps(x, "") - eta (eps(x, c_f) - eps(x, "")); the retain rows as before
+    with torch.no_grad():
+        esd = rl_critic.reference_eps(tiny_model.unet, x, t, cond, uncond, rows_r, rows_f, 7.5, negative_guidance=2.0)
+        for i in [0, 4]:
+            e_u = tiny_model.unet(x[i : i + 1], t[i : i + 1], uncond).sample
+            e_c = tiny_model.unet(x[i : i + 1], t[i : i + 1], cond[i : i + 1]).sample
+            assert torch.allclose(esd[i : i + 1], e_u - 2.0 * (e_c - e_u), atol=1e-4), i
+    assert torch.allclose(esd[rows_r], eps[rows_r], atol=1e-5) and not torch.allclose(esd[rows_f], eps[rows_f])
 
 
 def test_per_prompt_stats_normalise_each_prompt_on_its_own():
@@ -221,7 +229,7 @@ def run_script(argv, check=True):
     [
         [],
         ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"],
-        ["--kl_weight", "0", "--lr_decay", "cosine"],
+        ["--kl_weight", "0", "--lr_decay", "cosine", "--forget_anchor", "esd"],
     ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
@@ -437,6 +445,8 @@ def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probabi
         (["--reward_purify", "1000"], "--reward_purify must be a timestep below 1000, or 0 for off (got 1000)"),
         (["--reward_purify", "-1"], "--reward_purify must be >= 0 (got -1)"),
         (["--average_from", "-1"], "--average_from must be >= 0 (got -1)"),
+        (["--forget_anchor", "concept"], "invalid choice: 'concept'"),
+        (["--negative_guidance", "0"], "--negative_guidance must be > 0 (got 0.0)"),
     ],
 )
 def test_bad_flags_give_one_line(argv, message, capsys):
