@@ -352,3 +352,30 @@ def test_reward_vs_judge_reads_the_run_and_its_eval_sampler_matches_the_judges_q
         reward_vs_judge.main(reward_vs_judge.parse_args([str(tmp_path)]))
     with pytest.raises(common.UsageError, match="differs from the run's concept"):
         reward_vs_judge.main(reward_vs_judge.parse_args([str(run), "--concept", "parachute"]))
+
+
+def test_anchor_rates_samples_each_target_once_per_concept_and_refuses_bad_input(tmp_path, capsys):
+    """The unprompted target is the same images for every concept; each row is a distribution over the 10 classes
+    in steps of 1/n; --output holds the table; an unknown class and a non-positive eta are refused."""
+    import anchor_rates
+
+    import common
+
+    out = tmp_path / "anchor.json"
+    argv = ["--concept", "church", "parachute", "--negative_guidance", "1", "--n", "4", "--output", str(out)]
+    table = anchor_rates.main(anchor_rates.parse_args(argv))
+    assert [(r["concept"], r["target"]) for r in table] == [
+        ("church", "empty"),
+        ("church", "esd 1"),
+        ("parachute", "empty"),
+        ("parachute", "esd 1"),
+    ]
+    assert table[0]["classes"] == table[2]["classes"]  # eps(x, "") does not depend on the concept
+    for r in table:
+        assert sum(r["classes"].values()) == pytest.approx(1) and r["concept_rate"] == r["classes"][r["concept"]]
+        assert all(round(v * 4) == pytest.approx(v * 4) for v in r["classes"].values())
+    assert json.loads(out.read_text())["table"] == table and "church | esd 1 |" in capsys.readouterr().out
+    with pytest.raises(common.UsageError, match="concept 'bicycle' is not an Imagenette class"):
+        anchor_rates.main(anchor_rates.parse_args(["--concept", "bicycle"]))
+    with pytest.raises(SystemExit):
+        anchor_rates.parse_args(["--negative_guidance", "0"])
