@@ -229,7 +229,7 @@ def run_script(argv, check=True):
     [
         [],
         ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"],
-        ["--kl_weight", "0", "--lr_decay", "cosine", "--forget_anchor", "esd"],
+        ["--kl_weight", "0", "--lr_decay", "cosine", "--forget_anchor", "empty"],
     ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
