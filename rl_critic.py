@@ -200,7 +200,8 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="N > 0: unet/ holds the uniform average of the trained weights after iterations N+1..steps (stochastic "
-        "weight averaging, against the policy wandering once the reward has plateaued); 0: the last weights",
+        "weight averaging, against the policy wandering once the reward has plateaued); 0: the last weights. In the "
+        "tiny world 40 kept 0.4-3 points more RA and moved UA either way by class (README)",
     )
     p.add_argument(
         "--kl_weight",
