@@ -51,7 +51,7 @@ Tiny world (the default --model tiny, 2 CPU cores, fp32):
     --forget_kl_weight 0.1 --forget_anchor esd): UA 0.913 (church), 0.993 (garbage truck), 0.973 (parachute), RA
     within 3.3 points of base, FID 0.93-0.98x base: the tiny world's bars are met. Anchored to the empty prompt
     instead (--forget_anchor empty, the default before) UA was 0.887, 0.887, 0.867: the unprompted reference draws
-    the concept in 5-16% of its images, so the trust region held the policy near a target that shows it. Without
+    the concept in 8.5-16% of its images, so the trust region held the policy near a target that shows it. Without
     trust regions the reward is optimised (p(church) 0.97 -> 0.01) but the judge's UA is only 0.44 (40 iterations),
     as the policy draws off-data blobs that fool the reward CNN. Other changes measured against the empty anchor
     (--reward_cnn strong/both, 160 iterations, --forget_kl_weight 0.3, --forget_reward other, --reward_purify,
