@@ -764,14 +764,15 @@ def train_style_judge(vae, n_train: int, seed: int, steps: int = 600, batch: int
     return net, acc
 
 
-def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100) -> np.ndarray:
+def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100, guidance: float = 7.5) -> np.ndarray:
+    """uint8 images of `pipe` (25 DDIM steps if its scheduler is DDIM), image i from prompt i and seed i."""
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
         res = pipe(
             prompts[i : i + batch],
             num_inference_steps=25,
-            guidance_scale=7.5,
+            guidance_scale=guidance,
             generator=gens,
             height=32,
             width=32,

@@ -304,6 +304,74 @@ def test_vae_line_figures_are_one_and_small_for_the_real_sketch_and_worse_when_b
     assert soft["line_contrast"] < 0.8 and soft["halo"] > perfect["halo"] + 0.1, soft
 
 
+class _PoolEncoder:
+    """A stand-in VAE whose latent mean is the image average-pooled to 8x8 (RGB plus a zero channel), times `k`."""
+
+    def __init__(self, k: float = 1.0):
+        self.k = k
+
+    def encode(self, x):
+        import types
+
+        import torch
+        import torch.nn.functional as F
+
+        z = F.avg_pool2d(x, 4)
+        z = torch.cat([z, torch.zeros_like(z[:, :1])], 1) * self.k
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=z))
+
+
+def test_latent_geometry_measures_the_sketch_against_the_filled_icon_and_ignores_the_latent_scale():
+    """With pooled pixels as latents, the figures are those computed by hand on the same renders; scaling the
+    latents changes none of them; a sketch is a weaker, mostly parallel copy of its filled icon in pooled pixels."""
+    import numpy as np
+    import pictonette
+    import torch
+    import torch.nn.functional as F
+    from build_tiny import to_tensor
+
+    fig = vae_lines.latent_geometry(_PoolEncoder(), n=30, seed=3)
+    assert vae_lines.latent_geometry(_PoolEncoder(5.0), n=30, seed=3) == pytest.approx(fig, rel=1e-4)
+    rng = np.random.default_rng(3)
+    params = [pictonette.sample_params(rng) for _ in range(30)]
+    pooled = {
+        name: F.avg_pool2d(to_tensor(np.stack([pictonette.render(dict(p, **ch)) for p in params])), 4).flatten(1)
+        for name, ch in [("f", dict(style="filled")), ("s", dict(style="sketch")), ("b", dict(scale=1e-4))]
+    }
+    a, b = pooled["f"] - pooled["b"], pooled["s"] - pooled["b"]
+    assert fig["sketch_filled_cos"] == pytest.approx(F.cosine_similarity(a, b).mean().item(), rel=1e-4)
+    assert fig["sketch_on_filled"] == pytest.approx(((a * b).sum(1) / (a * a).sum(1)).mean().item(), rel=1e-4)
+    assert 0.3 < fig["sketch_on_filled"] < 0.9 and fig["sketch_filled_cos"] > 0.5, fig
+    assert torch.isfinite(torch.tensor(fig["style_separation"]))
+
+
+def test_sketch_rate_reports_every_guidance_and_template_and_refuses_bad_input(tmp_path, capsys):
+    """A quick run (1 seed per class, a style judge trained on 8 images per style): one rate per template and
+    guidance, each a multiple of 1/10, the latent figures, the JSON written; a folder without tiny-sd/ is refused."""
+    import sketch_rate
+
+    out = tmp_path / "rates.json"
+    fig = sketch_rate.main(
+        sketch_rate.parse_args(["--n", "1", "--judge_train", "8", "--guidance", "1", "7.5", "--output", str(out)])
+    )
+    assert list(fig["rates"]) == [
+        "a sketch of a {class} @ 1",
+        "a sketch of a {class} @ 7.5",
+        "an image of a {class} @ 1",
+        "an image of a {class} @ 7.5",
+    ]
+    assert all(round(v * 10) == pytest.approx(v * 10) for v in fig["rates"].values())
+    assert {"sketch_filled_cos", "sketch_on_filled", "style_separation", "style_judge_acc_on_vae_recon"} <= set(fig)
+    assert json.loads(out.read_text()) == fig
+    for argv, message in [
+        (["--data", str(tmp_path)], "--data must be a folder with a diffusers tiny-sd/"),
+        (["--guidance", "0.5"], "--guidance values must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            sketch_rate.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -312,6 +380,7 @@ def test_vae_line_figures_are_one_and_small_for_the_real_sketch_and_worse_when_b
         (["x", "--widths", "32,48,64"], "--widths must be multiples of 32"),
         (["x", "--batch", "0"], "--batch must be >= 1"),
         (["x", "--sketch_frac", "2"], "--sketch_frac must be in [0, 1]"),
+        (["x", "--style_margin", "-1"], "--style_margin must be >= 0"),
     ],
 )
 def test_vae_lines_rejects_bad_flags_in_one_line(argv, message, capsys):
