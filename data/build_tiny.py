@@ -208,7 +208,26 @@ def build_tokenizer(out: str):
 # ---------------------------------------------------------------- VAE
 
 
-def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64, ckpt_dir: str = None):
+def build_vae(
+    out: str,
+    steps: int,
+    seed: int,
+    n_eval: int,
+    batch: int = 64,
+    ckpt_dir: str = None,
+    resume: bool = False,
+    lr: float = 1e-3,
+    sketch_fraction: float = None,
+    style_margin: float = 0.0,
+):
+    """Train the VAE (or, with `resume`, fine-tune the one saved in `out`) and save it with its scaling factor.
+
+    `style_margin` > 0 adds a hinge loss on the latents' spatial means: along a learned unit direction, a sketch's
+    mean must lie at least `style_margin` latent standard deviations on one side of a learned threshold and a filled
+    icon's on the other. Without it a sketch is encoded as a weaker copy of its filled icon (data/README.md,
+    "Sketches") and classifier-free guidance turns "a sketch of a church" into a filled church; with it style is a
+    global feature of the latents, as texture is in Stable Diffusion's. `sketch_fraction` sets the share of sketches in
+    the training pool (default: Pictonette's own mix)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -223,15 +242,39 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64, ckp
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
     )
+    if resume:  # --vae_resume: fine-tune the VAE already saved in `out`
+        vae = AutoencoderKL.from_pretrained(out)
     print(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
-    pool = to_tensor(data_pool(max(batch * 4, min(steps * batch, 60000)), seed=1)["images"])
+    if sketch_fraction is None:
+        pool = to_tensor(data_pool(max(batch * 4, min(steps * batch, 60000)), seed=1)["images"])
+        is_sketch = None
+    else:  # --vae_sketch_fraction: filled icons from seed 1, then sketches from seed 2
+        n = min(steps * batch, 60000)
+        n_sketch = round(n * sketch_fraction)
+        pool = torch.cat(
+            [
+                to_tensor(pictonette.make(n - n_sketch, seed=1, style="filled")["images"]),
+                to_tensor(pictonette.make(n_sketch, seed=2, style="sketch")["images"]),
+            ]
+        )
+        is_sketch = torch.cat([-torch.ones(n - n_sketch), torch.ones(n_sketch)])
+    if style_margin and is_sketch is None:
+        is_sketch = torch.tensor([1.0 if s == "sketch" else -1.0 for s in data_pool(len(pool), seed=1)["styles"]])
     probe = to_tensor(pictonette.make(200, seed=1006)["images"])
     # channels_last: the convolutions dominate and run about 1.3x faster in this layout on CPU
     vae = vae.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    params = list(vae.parameters())
+    if style_margin:  # the style direction (unit-normalised where used) and threshold of the hinge
+        direction = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(seed)))
+        threshold = torch.nn.Parameter(torch.zeros(()))
+        params += [direction, threshold]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     gen = torch.Generator().manual_seed(seed)
-    ckpt = StageCheckpoint(ckpt_dir, "vae", dict(steps=steps, seed=seed, batch=batch), every=CHECKPOINT_EVERY)
+    settings = dict(steps=steps, seed=seed, batch=batch)
+    if resume or lr != 1e-3 or sketch_fraction is not None or style_margin:
+        settings.update(resume=resume, lr=lr, sketch_fraction=sketch_fraction, style_margin=style_margin)
+    ckpt = StageCheckpoint(ckpt_dir, "vae", settings, every=CHECKPOINT_EVERY)
     start = 0
     if state := ckpt.load():
         vae.load_state_dict(state["vae"])
@@ -239,12 +282,23 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64, ckp
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start = state["step"]
+        if style_margin:
+            direction.data.copy_(state["direction"])
+            threshold.data.copy_(state["threshold"])
     for step in (bar := tqdm(range(start, steps), desc="vae", initial=start, total=steps)):
-        x = pool[torch.randint(len(pool), (batch,), generator=gen)].contiguous(memory_format=torch.channels_last)
+        idx = torch.randint(len(pool), (batch,), generator=gen)
+        x = pool[idx].contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
         kl = post.kl().mean() / (4 * 8 * 8)
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        if not style_margin:
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        else:  # the same loss (written as benchmark/vae_lines.py writes it) plus the style hinge
+            err = rec - x
+            loss = (err**2).mean() + 0.5 * err.abs().mean() + 1e-4 * post.kl().mean() / (4 * 8 * 8)
+            score = z.mean((2, 3)) @ (direction / direction.norm()) + threshold
+            loss = loss + F.relu(style_margin * z.detach().std() - is_sketch[idx] * score).mean()
         train_step(opt, sched, loss, clip_params=vae.parameters())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
@@ -252,8 +306,15 @@ def build_vae(out: str, steps: int, seed: int, n_eval: int, batch: int = 64, ckp
             with torch.no_grad():
                 rec = vae.decode(vae.encode(probe).latent_dist.mode()).sample
             tqdm.write(f"vae: step {step} held-out reconstruction MSE {F.mse_loss(rec, probe).item():.4f}")
+        extra = dict(direction=direction.detach(), threshold=threshold.detach()) if style_margin else {}
         ckpt.maybe_save(
-            step, steps, vae=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state()
+            step,
+            steps,
+            vae=vae.state_dict(),
+            opt=opt.state_dict(),
+            sched=sched.state_dict(),
+            gen=gen.get_state(),
+            **extra,
         )
     vae = vae.to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():  # SD's scaling_factor convention: unit-variance latents
@@ -878,6 +939,27 @@ def parse_args(argv=None):
     p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="stages to run (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--vae_steps", type=int, default=2500, help="VAE training steps (batch 64)")
+    p.add_argument("--vae_batch", type=int, default=64, help="VAE images per step")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (cosine schedule)")
+    p.add_argument(
+        "--vae_resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the vae stage fine-tunes the VAE in <out>/tiny-sd/vae instead of starting afresh",
+    )
+    p.add_argument(
+        "--vae_sketch_fraction",
+        type=float,
+        default=None,
+        help="share of sketch images in the VAE's training pool (default: Pictonette's own 0.3)",
+    )
+    p.add_argument(
+        "--vae_style_margin",
+        type=float,
+        default=0.0,
+        help="hinge that puts style into the latents' spatial mean: sketches and filled icons at least this many "
+        "latent standard deviations from a learned threshold, on opposite sides (0: off; build_vae)",
+    )
     p.add_argument("--classifier_steps", type=int, default=600, help="classifier training steps (batch 128)")
     p.add_argument("--clip_steps", type=int, default=400, help="CLIP training steps (batch 256)")
     p.add_argument("--unet_steps", type=int, default=5000, help="UNet training steps (batch 64)")
@@ -913,6 +995,7 @@ def parse_args(argv=None):
     args.out = args.out or HERE
     for name in [
         "vae_steps",
+        "vae_batch",
         "classifier_steps",
         "clip_steps",
         "unet_steps",
@@ -922,8 +1005,11 @@ def parse_args(argv=None):
     ]:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.unet_sketch_fraction is not None and not 0 <= args.unet_sketch_fraction <= 1:
-        p.error(f"--unet_sketch_fraction must be in [0, 1], got {args.unet_sketch_fraction}")
+    for name in ["vae_sketch_fraction", "unet_sketch_fraction"]:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if args.vae_style_margin < 0 or not args.vae_lr > 0:
+        p.error(f"--vae_style_margin must be >= 0 and --vae_lr > 0, got {args.vae_style_margin}, {args.vae_lr}")
     return args
 
 
@@ -945,7 +1031,20 @@ def main(args):
         if stage == "tokenizer":
             build_tokenizer(tok_dir)
         elif stage == "vae":
-            figures.update(build_vae(vae_dir, args.vae_steps, args.seed, args.n_eval, ckpt_dir=ckpt_dir))
+            figures.update(
+                build_vae(
+                    vae_dir,
+                    args.vae_steps,
+                    args.seed,
+                    args.n_eval,
+                    batch=args.vae_batch,
+                    ckpt_dir=ckpt_dir,
+                    resume=args.vae_resume,
+                    lr=args.vae_lr,
+                    sketch_fraction=args.vae_sketch_fraction,
+                    style_margin=args.vae_style_margin,
+                )
+            )
         elif stage == "classifier":
             figures.update(build_classifier(cls_dir, vae_dir, args.classifier_steps, args.seed, args.n_eval))
         elif stage == "clip":
