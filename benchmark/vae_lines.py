@@ -22,7 +22,8 @@ over their reconstructions, 3x) and vae/ (diffusers format). Figures, on 200 hel
   style_separation        the filled one; and how far apart the two styles' spatially averaged latents are, in
                           latent standard deviations. The committed VAE: 0.85, 0.66 and 0.02, a sketch is encoded as
                           a weaker copy of the filled icon. --style_margin adds a hinge loss that moves style into
-                          the latents' spatial mean (a global feature, as texture is in Stable Diffusion's latents).
+                          the latents' spatial mean (0.02, 0.02 and 2.82 at --style_margin 1); a UNet fine-tuned on
+                          such latents still lost the style to guidance (data/README.md, "Sketches").
 
 Measured (--steps 0 on the saved VAEs), sketch line_contrast / halo: committed VAE 0.63 / 0.36; fine-tuned from it
 with --fg 4 --edge 1 (1,000 steps at batch 32 on half sketches, then 1,500 on 70%) 0.91 / 0.45; the design trained

@@ -224,10 +224,10 @@ def build_vae(
 
     `style_margin` > 0 adds a hinge loss on the latents' spatial means: along a learned unit direction, a sketch's
     mean must lie at least `style_margin` latent standard deviations on one side of a learned threshold and a filled
-    icon's on the other. Without it a sketch is encoded as a weaker copy of its filled icon (data/README.md,
-    "Sketches") and classifier-free guidance turns "a sketch of a church" into a filled church; with it style is a
-    global feature of the latents, as texture is in Stable Diffusion's. `sketch_fraction` sets the share of sketches in
-    the training pool (default: Pictonette's own mix)."""
+    icon's on the other, so that style is a global feature of the latents. Without it a sketch is encoded as a weaker
+    copy of its filled icon. Tried for issue 2's sketch bar and not adopted: guidance still took the style away, and
+    the class bar was lost (data/README.md, "Sketches"). `sketch_fraction` sets the share of sketches in the training
+    pool (default: Pictonette's own mix)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
