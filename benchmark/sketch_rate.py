@@ -37,6 +37,12 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(ROOT, "data"), help="a tiny-world folder holding tiny-sd/")
     p.add_argument("--guidance", nargs="+", type=float, default=[1.0, 2.0, 4.0, 7.5], help="guidance scales")
+    p.add_argument(
+        "--negative_prompt",
+        nargs="*",
+        default=[],
+        help='also sample the sketch prompt at guidance 7.5 against these negative prompts (e.g. "a sketch of a")',
+    )
     p.add_argument("--n", type=int, default=20, help="seeds per class (the report: 20)")
     p.add_argument("--judge_train", type=int, default=2000, help="real images per style for the style judge")
     p.add_argument("--output", default=None, help="also write the figures as JSON here")
@@ -67,6 +73,12 @@ def main(args) -> dict:
             with torch.no_grad():
                 logits = judge(to_tensor(sample_pipeline(pipe, prompts, seeds, guidance=g))).squeeze(1)
             figures["rates"][f"{template.format('{class}')} @ {g:g}"] = (logits > 0).float().mean().item()
+    prompts = [f"a sketch of a {c}" for c in pictonette.CLASSES for _ in range(args.n)]
+    seeds = [s for _ in pictonette.CLASSES for s in range(args.n)]
+    for negative in args.negative_prompt:  # guidance away from the style alone: what does the class direction add?
+        with torch.no_grad():
+            logits = judge(to_tensor(sample_pipeline(pipe, prompts, seeds, negative=negative))).squeeze(1)
+        figures["rates"][f"a sketch of a {{class}} @ 7.5, negative {negative!r}"] = (logits > 0).float().mean().item()
     print(json.dumps(figures, indent=1))
     if args.output:
         common.atomic_write(args.output, lambda f: json.dump(figures, f, indent=1))

@@ -825,13 +825,17 @@ def train_style_judge(vae, n_train: int, seed: int, steps: int = 600, batch: int
     return net, acc
 
 
-def sample_pipeline(pipe, prompts: list[str], seeds: list[int], batch: int = 100, guidance: float = 7.5) -> np.ndarray:
-    """uint8 images of `pipe` (25 DDIM steps if its scheduler is DDIM), image i from prompt i and seed i."""
+def sample_pipeline(
+    pipe, prompts: list[str], seeds: list[int], batch: int = 100, guidance: float = 7.5, negative: str = ""
+) -> np.ndarray:
+    """uint8 images of `pipe` (25 DDIM steps if its scheduler is DDIM), image i from prompt i and seed i; guidance
+    against the `negative` prompt (the pipeline's default, "", unless given)."""
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
         res = pipe(
             prompts[i : i + batch],
+            negative_prompt=[negative] * len(prompts[i : i + batch]) if negative else None,
             num_inference_steps=25,
             guidance_scale=guidance,
             generator=gens,

@@ -352,13 +352,17 @@ def test_sketch_rate_reports_every_guidance_and_template_and_refuses_bad_input(t
 
     out = tmp_path / "rates.json"
     fig = sketch_rate.main(
-        sketch_rate.parse_args(["--n", "1", "--judge_train", "8", "--guidance", "1", "7.5", "--output", str(out)])
+        sketch_rate.parse_args(
+            ["--n", "1", "--judge_train", "8", "--guidance", "1", "7.5", "--negative_prompt", "a sketch of a"]
+            + ["--output", str(out)]
+        )
     )
     assert list(fig["rates"]) == [
         "a sketch of a {class} @ 1",
         "a sketch of a {class} @ 7.5",
         "an image of a {class} @ 1",
         "an image of a {class} @ 7.5",
+        "a sketch of a {class} @ 7.5, negative 'a sketch of a'",
     ]
     assert all(round(v * 10) == pytest.approx(v * 10) for v in fig["rates"].values())
     assert {"sketch_filled_cos", "sketch_on_filled", "style_separation", "style_judge_acc_on_vae_recon"} <= set(fig)
