@@ -246,8 +246,9 @@ def build_vae(
         vae = AutoencoderKL.from_pretrained(out)
     print(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
     if sketch_fraction is None:
-        pool = to_tensor(data_pool(max(batch * 4, min(steps * batch, 60000)), seed=1)["images"])
-        is_sketch = None
+        data = data_pool(max(batch * 4, min(steps * batch, 60000)), seed=1)
+        pool = to_tensor(data["images"])
+        is_sketch = torch.tensor([1.0 if s == "sketch" else -1.0 for s in data["styles"]])
     else:  # --vae_sketch_fraction: filled icons from seed 1, then sketches from seed 2
         n = min(steps * batch, 60000)
         n_sketch = round(n * sketch_fraction)
@@ -258,8 +259,6 @@ def build_vae(
             ]
         )
         is_sketch = torch.cat([-torch.ones(n - n_sketch), torch.ones(n_sketch)])
-    if style_margin and is_sketch is None:
-        is_sketch = torch.tensor([1.0 if s == "sketch" else -1.0 for s in data_pool(len(pool), seed=1)["styles"]])
     probe = to_tensor(pictonette.make(200, seed=1006)["images"])
     # channels_last: the convolutions dominate and run about 1.3x faster in this layout on CPU
     vae = vae.to(memory_format=torch.channels_last)
