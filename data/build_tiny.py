@@ -941,7 +941,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="stages to run (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    p.add_argument("--vae_steps", type=int, default=2500, help="VAE training steps (batch 64)")
+    p.add_argument("--vae_steps", type=int, default=2500, help="VAE training steps (of --vae_batch images)")
     p.add_argument("--vae_batch", type=int, default=64, help="VAE images per step")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (cosine schedule)")
     p.add_argument(
@@ -1011,8 +1011,10 @@ def parse_args(argv=None):
     for name in ["vae_sketch_fraction", "unet_sketch_fraction"]:
         if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    if args.vae_style_margin < 0 or not args.vae_lr > 0:
-        p.error(f"--vae_style_margin must be >= 0 and --vae_lr > 0, got {args.vae_style_margin}, {args.vae_lr}")
+    if args.vae_style_margin < 0:
+        p.error(f"--vae_style_margin must be >= 0, got {args.vae_style_margin}")
+    if not args.vae_lr > 0:
+        p.error(f"--vae_lr must be > 0, got {args.vae_lr}")
     return args
 
 

@@ -323,8 +323,8 @@ def test_build_rejects_a_sketch_fraction_outside_0_1():
     "argv,message",
     [
         (["--vae_sketch_fraction", "-0.1"], "--vae_sketch_fraction must be in [0, 1]"),
-        (["--vae_style_margin", "-1"], "--vae_style_margin must be >= 0"),
-        (["--vae_lr", "0"], "--vae_lr > 0"),
+        (["--vae_style_margin", "-1"], "--vae_style_margin must be >= 0, got -1.0"),
+        (["--vae_lr", "0"], "--vae_lr must be > 0, got 0.0"),
         (["--vae_batch", "0"], "--vae_batch must be >= 1"),
     ],
 )
