@@ -117,9 +117,9 @@ def line_figures(real: np.ndarray, rec: np.ndarray) -> dict:
 def latent_geometry(vae, n: int = 300, seed: int = 0) -> dict:
     """How a sketch's latent relates to the filled icon with the same pose and colours, both taken relative to the
     latent of the bare background: their cosine, and the sketch's projection on the filled direction (0.66 means
-    the sketch is encoded as a 0.66-strength copy of the filled icon, which classifier-free guidance amplifies into
-    one). Also the separation of the two styles' spatially averaged latents along their mean difference, in units of
-    the latents' standard deviation."""
+    the sketch is encoded as a 0.66-strength copy of the filled icon; first suspected, then ruled out, as the reason
+    guidance turns sketches into filled icons: data/README.md, "Sketches"). Also the separation of the two styles'
+    spatially averaged latents along their mean difference, in units of the latents' standard deviation."""
     rng = np.random.default_rng(seed)
     params = [pictonette.sample_params(rng) for _ in range(n)]
 
