@@ -822,6 +822,24 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple =
     return dict(step=meta["step"], extra=meta["extra"], absent=absent)
 
 
+class TinyJudge:
+    """The tiny world's UA/RA judge, data/tiny-classifier (as ImageNet ResNet-50 is Stable Diffusion's), with its
+    image processor: `TinyJudge()(images)` gives the 10 classes' logits of uint8 images (n, H, W, 3); `config` holds
+    id2label and label2id."""
+
+    def __init__(self):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        path = os.path.join(ROOT, "data", "tiny-classifier")
+        self.model = AutoModelForImageClassification.from_pretrained(path).eval()
+        self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+        self.config = self.model.config
+
+    def __call__(self, images) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(**self.processor(images=list(images), return_tensors="pt")).logits
+
+
 def tiny_judge_accuracies(
     model: Model, unets: list, classes: list[str], n: int, t_init: int | None = None
 ) -> list[dict]:
@@ -829,11 +847,7 @@ def tiny_judge_accuracies(
     {class}", the evaluation seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5 (with `t_init`: one
     step, the UNets are one-step generators). A quick check of forgetting for tests and sweeps; eval.py gives the full
     metrics. Returns [{class: accuracy}, ...]."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    judge_dir = os.path.join(ROOT, "data", "tiny-classifier")
-    judge = AutoModelForImageClassification.from_pretrained(judge_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(judge_dir, use_fast=False)
+    judge = TinyJudge()
     rows = {r["class"]: r for r in read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))}
     cond = encode_prompts(model, [rows[c]["prompt"] for c in classes for _ in range(n)])
     z_T = initial_latents(model, [rows[c]["evaluation_seed"] + k for c in classes for k in range(n)])
@@ -842,7 +856,7 @@ def tiny_judge_accuracies(
     for unet in unets:
         with torch.no_grad():
             images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet, t_init=t_init))
-            pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
+            pred = judge(images).argmax(-1)
         ok = (pred == labels).float().reshape(len(classes), n).mean(1)
         out.append(dict(zip(classes, ok.tolist())))
     return out

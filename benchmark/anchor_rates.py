@@ -49,15 +49,11 @@ def main(args):
         if found is None:
             raise common.UsageError(f"concept {c!r} is not an Imagenette class: {', '.join(common.IMAGENETTE)}")
         concepts.append(found)
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     defaults = rl_critic.parse_args([])
     rl_critic.fill_world_defaults(defaults, "tiny")
     steps, eta = defaults.sample_steps, defaults.eta
     model = common.load_model("tiny", "cpu", "fp32")
-    judge_dir = os.path.join(common.ROOT, "data", "tiny-classifier")
-    judge = AutoModelForImageClassification.from_pretrained(judge_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(judge_dir, use_fast=False)
+    judge = common.TinyJudge()
     z_T = common.initial_latents(model, list(range(args.seed, args.seed + args.n)))
 
     def judged(prompt: str, guidance: float) -> list[str]:
@@ -65,7 +61,7 @@ def main(args):
         gen = torch.Generator().manual_seed(0)  # the eta > 0 noise
         with torch.no_grad():
             images = common.decode(model, common.sample(model, cond, z_T, steps, guidance, eta, generator=gen))
-            pred = judge(**processor(images=list(images), return_tensors="pt")).logits.argmax(-1)
+            pred = judge(images).argmax(-1)
         return [judge.config.id2label[int(k)] for k in pred]
 
     # eps(x, "") needs no guidance (cond = uncond); cfg_eps with scale -ETA on c_f is ESD's target

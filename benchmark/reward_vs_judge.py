@@ -79,12 +79,8 @@ def main(args):
     concept = common.imagenette_class(s["concept"])
     if concept is None:
         raise common.UsageError(f"concept {s['concept']!r} is not an Imagenette class: {', '.join(common.IMAGENETTE)}")
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     model = common.load_model("tiny", "cpu", "fp32", unet_path=s["unet"])
-    judge_dir = os.path.join(common.ROOT, "data", "tiny-classifier")
-    judge = AutoModelForImageClassification.from_pretrained(judge_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(judge_dir, use_fast=False)
+    judge = common.TinyJudge()
     cnns = {name: rl_critic.fit_classifier(model, **rl_critic.REWARD_CNNS[name]) for name in args.reward_cnn}
     row = {r["class"]: r for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))}[concept]
     cond = common.encode_prompts(model, [row["prompt"]] * args.n)
@@ -97,7 +93,7 @@ def main(args):
         gen = torch.Generator().manual_seed(0)  # the eta > 0 noise
         with torch.no_grad():
             images = common.decode(model, common.sample(model, cond, z_T, steps, s["guidance"], eta, generator=gen))
-            pj = judge(**processor(images=list(images), return_tensors="pt")).logits.softmax(-1)
+            pj = judge(images).softmax(-1)
             x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
             entry = dict(
                 sampler=name, steps=steps, eta=eta, judge_rate=(pj.argmax(-1) == c_judge).float().mean().item()
