@@ -50,7 +50,7 @@ def test_styles_and_captions_agree():
     filled = pictonette.make(50, seed=4, style="filled", background="black")["images"]
     sketch = pictonette.make(50, seed=4, style="sketch", background="black")["images"]
     cover = lambda x: (np.abs(x.astype(int) - x[:, :1, :1].astype(int)).sum(-1) > 90).mean()  # noqa: E731
-    assert cover(sketch) < 0.75 * cover(filled)  # measured: 0.14 vs 0.22
+    assert cover(sketch) < 0.75 * cover(filled)  # measured: 0.15 vs 0.22
 
 
 def test_background_is_the_asked_colour():
