@@ -11,7 +11,8 @@ prompt "an image of a {class}" (a model that draws faint images everywhere raise
 latent geometry (vae_lines.latent_geometry): how far a sketch's latent is a weaker copy of the filled icon's.
 
 Measured on the committed build (data/README.md, "Sketches"): the sketch prompt gives outlines 0.98 / 0.99 / 0.805 /
-0.315 of the time at guidance 1 / 2 / 4 / 7.5: the model knows the style, and guidance takes it away.
+0.315 of the time at guidance 1 / 2 / 4 / 7.5; the unguided "outlines" are faint blobs rather than drawings, and
+guided ones soft filled icons.
 """
 
 import argparse
