@@ -190,6 +190,7 @@ def test_build_smoke_runs_every_stage(smoke_build, tmp_path):
         "tiny-sd/model_index.json",
         "tiny-sd/unet/diffusion_pytorch_model.safetensors",
         "tiny-sd/samples.png",
+        "tiny-sd/sketch_samples.png",
         "tiny-clip/model.safetensors",
         "tiny-classifier/model.safetensors",
         "build_report.json",
