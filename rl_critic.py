@@ -64,6 +64,7 @@ checkpoint/ (for --resume).
 
 import argparse
 import copy
+import hashlib
 import math
 import os
 import time
@@ -533,6 +534,18 @@ def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen))
 
 
+def world_fingerprint(model) -> str:
+    """Eight hex digits that change when the tiny VAE's weights or the Pictonette drawings change (a rebuilt tiny
+    world), so that a cached reward CNN is never reused with a world it was not trained on."""
+    from data.pictonette import make
+
+    h = hashlib.sha256(make(8, seed=0)["images"].tobytes())
+    for key, value in sorted(model.vae.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800, augment: bool = False) -> SmallCNN:
     """Train SmallCNN on n Pictonette images (data seeds unlike eval's and the build's), half of them through the tiny
     VAE (encode + decode: the generator's blur), plus noise; cached in runs/.cache/ (about 6 CPU-minutes once). The
@@ -547,7 +560,8 @@ def fit_classifier(model, seed: int = 0, n: int = 4000, iters: int = 800, augmen
 
     net = SmallCNN()
     tag = "_aug" if augment else ""
-    path = os.path.join(common.ROOT, "runs", ".cache", f"reward_cnn_n{n}_i{iters}{tag}_s{seed}.safetensors")
+    name = f"reward_cnn_n{n}_i{iters}{tag}_s{seed}_{world_fingerprint(model)}.safetensors"
+    path = os.path.join(common.ROOT, "runs", ".cache", name)
     if os.path.exists(path):
         net.load_state_dict(load_file(path))
         return net.eval().requires_grad_(False)

@@ -20,7 +20,8 @@ Stages, in order (each one saves its result before the next starts; `--stages` r
               vision tower trained against it, with positives = every (image, caption) pair whose image shows what
               the caption states
   report      the quality figures: judge accuracy, per-class accuracy of generated images, style/background
-              rates, UNet speed, sample grid (data/tiny-sd/samples.png), written to <out>/build_report.json
+              rates, UNet speed, sample grids (data/tiny-sd/samples.png, sketch_samples.png), written to
+              <out>/build_report.json
 
 The vae and unet stages save their progress to `<out>/.checkpoints/` every 250 steps; after a crash or a stop, the
 same command continues from there to the same weights as an uninterrupted build.
@@ -872,6 +873,7 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     figures["gen_acc_mean"] = float(np.mean(list(per_class.values())))
     figures["gen_acc_min"] = float(min(per_class.values()))
     _, per_class_photo = accuracy("a photo of a {}")
+    figures["gen_acc_photo_per_class"] = per_class_photo
     figures["gen_acc_photo_mean"] = float(np.mean(list(per_class_photo.values())))
     figures["gen_acc_photo_min"] = float(min(per_class_photo.values()))
     print(f"report: sampling + judging {3 * len(seeds)} images took {time.time() - t0:.0f} s")
@@ -887,8 +889,9 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     n_style = min(20, n_per_class)
     sk_prompts = [f"a sketch of a {c}" for c in classes for _ in range(n_style)]
     sk_seeds = [s for _ in classes for s in range(n_style)]
+    sk_images = sample_pipeline(pipe, sk_prompts, sk_seeds)
     with torch.no_grad():
-        is_sketch = style_judge(to_tensor(sample_pipeline(pipe, sk_prompts, sk_seeds))).squeeze(1) > 0
+        is_sketch = style_judge(to_tensor(sk_images)).squeeze(1) > 0
         plain_is_sketch = style_judge(to_tensor(images)).squeeze(1) > 0
     figures["sketch_prompt_outline_rate"] = is_sketch.float().mean().item()
     figures["plain_prompt_outline_rate"] = plain_is_sketch.float().mean().item()
@@ -903,13 +906,17 @@ def report(out: str, n_per_class: int, figures: dict) -> dict:
     figures["background_rate"] = rates
     figures["background_rate_mean"] = float(np.mean(list(rates.values())))
 
-    # Sample grid: one row per class, 8 seeds ("an image of a {class}").
-    cols = min(8, n_per_class)
-    grid = images.reshape(len(classes), n_per_class, 32, 32, 3)[:, :cols]
-    grid = grid.transpose(0, 2, 1, 3, 4).reshape(len(classes) * 32, cols * 32, 3)
-    Image.fromarray(grid).resize((cols * 32 * 3, len(classes) * 32 * 3), Image.Resampling.NEAREST).save(
-        os.path.join(out, "tiny-sd", "samples.png")
-    )
+    # Sample grids: one row per class, 8 seeds; "an image of a {class}" and "a sketch of a {class}".
+    def save_grid(imgs, per_class, name):
+        cols = min(8, per_class)
+        grid = imgs.reshape(len(classes), per_class, 32, 32, 3)[:, :cols]
+        grid = grid.transpose(0, 2, 1, 3, 4).reshape(len(classes) * 32, cols * 32, 3)
+        Image.fromarray(grid).resize((cols * 32 * 3, len(classes) * 32 * 3), Image.Resampling.NEAREST).save(
+            os.path.join(out, "tiny-sd", name)
+        )
+
+    save_grid(images, n_per_class, "samples.png")
+    save_grid(sk_images, n_style, "sketch_samples.png")
 
     # Speed: one UNet forward at batch 64.
     torch.set_grad_enabled(False)

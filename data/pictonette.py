@@ -3,8 +3,8 @@
 The tiny world's dataset. Each class is an icon built from a few shapes (a church has a nave, a gable roof, a
 steeple with a spire and a cross; a parachute a scalloped canopy with lines down to a jumper; ...), drawn with a
 random position, scale, rotation, object colour and background colour, in one of two styles: `filled` or
-`sketch` (outline only). Every image comes with a caption from several templates ("an image of a church",
-"a photo of a church", "a sketch of a church on a blue background", ...).
+`sketch` (the outline of the icon's silhouette). Every image comes with a caption from several templates ("an
+image of a church", "a photo of a church", "a sketch of a church on a blue background", ...).
 
 Sample i of seed s depends only on (s, i), so `make(n, seed)` is a prefix of `make(n + 1, seed)`.
 
@@ -22,7 +22,7 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = [
     "tench",
@@ -72,14 +72,17 @@ SKETCH_TEMPLATES = [
 ]
 SIZE = 32  # output resolution
 SUPER = 4  # supersampling factor for anti-aliased edges
-SKETCH_WIDTH = 0.07  # outline width in icon units (the icon spans [-1, 1])
+# A sketch is the outline of the icon's silhouette, this many output pixels wide, drawn inside its edge. Not every
+# shape's outline: inner details' 1-pixel lines, 1-2 pixels apart, are more than a 4x8x8 latent can carry, and a
+# model that cannot draw them turns "a sketch of a church" into a filled church under guidance (data/README.md).
+SKETCH_RING = 1.5
 
 
 # ---------------------------------------------------------------- icons
 # An icon is a list of primitives in a frame where the object spans about [-1, 1] (y points down):
 #   ("poly", points, value)          filled polygon; value 1 draws the object, 0 cuts a detail out of it
 #   ("line", points, width, value)   polyline of the given width
-# In the sketch style every polygon becomes its outline and lines stay lines.
+# In the sketch style the shapes drawn with value 1 make a silhouette, and the sketch is its outline.
 
 
 def ellipse(cx, cy, rx, ry, a0=0.0, a1=360.0, n=28):
@@ -234,21 +237,18 @@ def render_mask(label: int, style: str, scale: float, angle: float, dx: float, d
 
     img = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(img)
-    stroke = max(1, round(SKETCH_WIDTH * scale * half))
     for prim in _ICON_CACHE[label]:
+        value = prim[-1]
+        if style == "sketch" and value == 0:  # cut-out details are inside the silhouette
+            continue
         if prim[0] == "poly":
-            pts, value = tr(prim[1]), prim[2]
-            if style == "filled":
-                draw.polygon(pts, fill=255 * value)
-            else:  # sketch: every shape, including cut-out details, becomes its outline
-                draw.line(pts + [pts[0]], fill=255, width=stroke, joint="curve")
+            draw.polygon(tr(prim[1]), fill=255 * value)
         else:
-            pts, width, value = tr(prim[1]), prim[2], prim[3]
-            w = max(1, round(width * scale * half))
-            if style == "sketch":
-                w = min(w, stroke)
-                value = 1
-            draw.line(pts, fill=255 * value, width=w, joint="curve")
+            draw.line(tr(prim[1]), fill=255 * value, width=max(1, round(prim[2] * scale * half)), joint="curve")
+    if style == "sketch":  # the silhouette less its erosion by SKETCH_RING pixels: the ring inside its edge
+        r = round(SKETCH_RING * SUPER)
+        inner = np.asarray(img.filter(ImageFilter.MinFilter(2 * r + 1)), np.int16)
+        img = Image.fromarray((np.asarray(img, np.int16) - inner).astype(np.uint8))
     small = img.resize((SIZE, SIZE), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
 

@@ -403,6 +403,21 @@ def test_strong_reward_cnn_augmentation_shifts_blurs_and_rescales_contrast():
     assert peaks.max() <= 1.2 + 1e-6  # contrast scaled by at most 1.2
 
 
+def test_reward_cnn_cache_key_changes_with_the_vae_weights(tiny_model):
+    """A rebuilt tiny world must not reuse a reward CNN cached for the old one: the cache file's name carries a
+    fingerprint of the VAE's weights (and of the Pictonette drawings)."""
+    before = rl_critic.world_fingerprint(tiny_model)
+    assert before == rl_critic.world_fingerprint(tiny_model)  # stable from call to call
+    weight = next(iter(tiny_model.vae.parameters()))
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-3
+        try:
+            assert rl_critic.world_fingerprint(tiny_model) != before
+        finally:
+            weight.copy_(saved)  # the fixture is shared by the whole session
+
+
 def test_both_reward_cnns_take_the_larger_concept_and_the_smaller_retain_probability(tiny_model, monkeypatch):
     """--reward_cnn both: p(concept) is the larger of the two CNNs', p(retain class) the smaller (two untrained CNNs
     stand in for the cached ones, which take 20 CPU-minutes to fit)."""
