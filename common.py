@@ -100,7 +100,8 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 is not offered: it needs a GradScaler for the fp32 trained weights, and bf16 (same memory, fp32's range) does not.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -113,9 +114,10 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA for the trained model (its weights stay fp32); nothing on CPU."""
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
+    """bf16 autocast on every device (CUDA and CPU alike, so a CPU run in bf16 is the GPU user's regime): the UNet's
+    matmuls and convolutions run in bf16 while trained weights stay fp32; nothing in fp32."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -240,8 +242,20 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
 
 
 def trainable_unet(model: Model, gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """A fp32 copy of the model's UNet to train (design.md: trainable weights fp32 under autocast)."""
-    unet = copy.deepcopy(model.unet).to(torch.float32).train()
+    """The model's UNet in fp32 to train (design.md: trainable weights fp32 under autocast). With bf16 frozen models it
+    is loaded again from disk in fp32, never upcast from the bf16 copy (which would round every weight, and every
+    untouched tensor of the saved unet/, to bf16)."""
+    from diffusers import UNet2DConditionModel
+
+    if model.dtype == torch.float32:
+        unet = copy.deepcopy(model.unet)
+    else:
+        src = dict(pretrained_model_name_or_path=model.unet_path or model.path)
+        if not model.unet_path:
+            src["subfolder"] = "unet"
+        unet = UNet2DConditionModel.from_pretrained(**src, torch_dtype=torch.float32).to(model.device)
+    unet = unet.train()
+    unet.requires_grad_(True)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -293,16 +307,19 @@ def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
 
 
 def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps("") + w (eps(c) - eps("")), one UNet call on the doubled batch."""
+    """Classifier-free guidance: eps("") + w (eps(c) - eps("")), one UNet call on the doubled batch. The UNet sees its
+    own dtype (bf16 for a frozen model, fp32 for a trained one under autocast); the result and the guidance are fp32."""
+    dtype = unet.dtype
     if scale == 1.0:
-        return unet(x, t, cond).sample
+        return unet(x.to(dtype), t, cond.to(dtype)).sample.float()
     t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
-    eps_u, eps_c = unet(torch.cat([x, x]), t2, torch.cat([uncond, cond])).sample.chunk(2)
+    eps_u, eps_c = unet(torch.cat([x, x]).to(dtype), t2, torch.cat([uncond, cond]).to(dtype)).sample.float().chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
 
 def x0_from_eps(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), in fp32."""
+    x_t, eps = x_t.float(), eps.float()
     abar = scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device)].float()
     abar = abar.reshape(-1, *([1] * (x_t.ndim - 1))) if abar.ndim else abar
     return (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
@@ -331,9 +348,11 @@ def ddim_step(
 
     With eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws
     `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob) with the
-    log-density of x_prev summed over all but the batch dimension (DDPO's form; None when eta = 0).
+    log-density of x_prev summed over all but the batch dimension (DDPO's form; None when eta = 0). Always fp32.
     """
-    acp = scheduler.alphas_cumprod
+    eps, x_t = eps.float(), x_t.float()  # all of the step in fp32: 0-d fp32 tensors would not promote a bf16 eps
+    prev = prev.float() if prev is not None else None
+    acp = scheduler.alphas_cumprod.float()
     t_prev = t - scheduler.config.num_train_timesteps // steps
     a_t = acp[t]
     final = torch.tensor(1.0) if scheduler.config.get("set_alpha_to_one", True) else acp[0]
@@ -346,7 +365,7 @@ def ddim_step(
     if eta == 0:
         return mean, None
     if prev is None:
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device="cpu").to(x_t.device)
+        noise = torch.randn(x_t.shape, generator=generator, device="cpu").to(x_t.device)
         prev = mean + std * noise
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return prev, log_prob.sum(dim=tuple(range(1, x_t.ndim)))
@@ -354,9 +373,10 @@ def ddim_step(
 
 @torch.no_grad()
 def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
-    """x_T for each seed, drawn on the CPU (device-independent), as the pipeline does with CPU generators."""
+    """x_T for each seed, drawn on the CPU (device-independent), as the pipeline does with CPU generators; fp32 (the
+    sampler's arithmetic), whatever the models' dtype."""
     shape = (1, *model.latent_shape)
-    z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=model.dtype) for s in seeds]
+    z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.cat(z).to(model.device)
 
 
@@ -382,13 +402,12 @@ def sample(
     if t_init is not None:
         return one_step(model, unet, cond, latents, t_init)
     uncond = encode_prompts(model, [""]).expand(len(cond), -1, -1)
-    x = latents
+    x = latents.float()  # the sampler's state and arithmetic stay fp32; the UNet sees its own dtype (cfg_eps)
     traj, logps = [x], []
     timesteps = ddim_timesteps(model.scheduler, steps)
     for t in timesteps:
         eps = cfg_eps(unet, x, torch.full((len(x),), t, device=x.device), cond, uncond, guidance)
         x, logp = ddim_step(model.scheduler, eps, t, x, steps, eta, generator)
-        x = x.to(latents.dtype)
         if return_trajectory:
             traj.append(x)
             logps.append(logp)
@@ -405,8 +424,8 @@ def one_step(model: Model, unet, cond: torch.Tensor, z: torch.Tensor, t_init: in
     was trained with guidance on its teacher."""
     t = torch.full((len(z),), int(t_init), device=z.device)
     x_init = model.scheduler.add_noise(torch.zeros_like(z), z, t)
-    eps = unet(x_init, t, cond).sample
-    return x0_from_eps(model.scheduler, x_init, eps, t).to(z.dtype)
+    eps = unet(x_init.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    return x0_from_eps(model.scheduler, x_init.float(), eps, t)
 
 
 @torch.no_grad()
@@ -854,7 +873,7 @@ def tiny_judge_accuracies(
     labels = torch.tensor([judge.config.label2id[c] for c in classes for _ in range(n)])
     out = []
     for unet in unets:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(model.device, model.dtype):
             images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet, t_init=t_init))
             pred = judge(images).argmax(-1)
         ok = (pred == labels).float().reshape(len(classes), n).mean(1)
@@ -947,6 +966,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A ratio for a summary line: rounded, or "n/a" when there is none (e.g. a resumed run with no step left)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

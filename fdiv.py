@@ -66,8 +66,11 @@ import common
 
 # Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
 WORLD_DEFAULTS = {
-    "tiny": dict(lr=1e-3, batch_size=16, gen_steps=25, gradient_checkpointing=False),
-    "sd": dict(lr=1e-5, batch_size=4, gen_steps=50, gradient_checkpointing=True),
+    "tiny": dict(steps=200, lr=1e-3, batch_size=16, gen_steps=25, gradient_checkpointing=False),
+    # SD: the official run_experiment.sh (nicolaNovello/f-DMU): --max_train_steps 500; --learning_rate 7e-5 with
+    # --scale_lr, which multiplies it by gradient accumulation (2) x batch (2) x GPUs (1) in train.py: 2.8e-4; batch 2
+    # x accumulation 2 = 4 images per update, here one batch of 4.
+    "sd": dict(steps=500, lr=2.8e-4, batch_size=4, gen_steps=50, gradient_checkpointing=True),
 }
 # Per Imagenette class: (SD anchor word, tiny-world anchor word). Tiny world: another class; for garbage truck
 # cassette player, picked from 8 anchors by a sweep (README): the first choice, gas pump, cost tench, chain saw and
@@ -93,12 +96,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--model", default="tiny", help="'tiny', a hub id such as CompVis/stable-diffusion-v1-4, or a folder"
     )
-    p.add_argument("--steps", type=int, default=200, help="training steps (one update each)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: tiny 1e-3, sd 1e-5)")
+    p.add_argument("--steps", type=int, default=None, help="training steps, one update each (tiny 200, sd 500)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: tiny 1e-3, sd 2.8e-4)")
     p.add_argument("--batch_size", type=int, default=None, help="anchor images per step (default: tiny 16, sd 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy, torch and the cached sets")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="frozen models' dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="frozen models' dtype")
     p.add_argument(
         "--train_params",
         default=None,
@@ -210,12 +213,33 @@ F_GAN = {
     "total_variation": (lambda u: 0.5 * (u - 1).abs(), lambda v: 0.5 * torch.tanh(v), lambda t: t),
 }
 F_GAN["mse"] = F_GAN["kl"]  # for equal-variance Gaussians the MSE is the KL up to scale
+# f*(g_f(v)) where composing the two overflows in fp32 (JS: -log(2 - 2 sigmoid(v)) is inf once sigmoid(v) rounds to 1,
+# near v = 17): the same function in a form that stays finite.
+F_STAR_OF_G = {
+    "jensen_shannon": lambda v: F.softplus(v) - math.log(2),
+    "hellinger": torch.expm1,
+    "reverse_kl": lambda v: v - 1,
+}
+
+
+def f_star_of_g(v: torch.Tensor, divergence: str) -> torch.Tensor:
+    """f*(g_f(v)), elementwise, in fp32."""
+    v = v.float()
+    if divergence in F_STAR_OF_G:
+        return F_STAR_OF_G[divergence](v)
+    _, g, f_star = F_GAN[divergence]
+    return f_star(g(v))
 
 
 def closed_form_loss(pred: torch.Tensor, target: torch.Tensor, divergence: str, sigma: float) -> torch.Tensor:
-    """Mean over the batch of the divergence's closed form in m = mean_{C,H,W} (target - pred)^2 (target detached)."""
-    m = (pred.float() - target.detach().float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    return CLOSED_FORMS[divergence](m, sigma).mean()
+    """Mean over the batch of the divergence's closed form in m (target detached)."""
+    return CLOSED_FORMS[divergence](distance(pred, target.detach()), sigma).mean()
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """m = sum_C mean_{H,W} (target - pred)^2 per sample, (B, C, H, W) -> (B,): the official flosses.py's normalisation
+    (its masked sum over C,H,W divided by the 1-channel mask's sum), so that --sigma means what it means there."""
+    return (pred.float() - target.float()).pow(2).mean(dim=(2, 3)).sum(dim=1)
 
 
 class Discriminator(torch.nn.Module):
@@ -240,14 +264,12 @@ class Discriminator(torch.nn.Module):
 
 def discriminator_loss(v_ref: torch.Tensor, v_theta: torch.Tensor, divergence: str) -> torch.Tensor:
     """Minus the f-GAN bound: E_theta[f*(g_f(V))] - E_ref[g_f(V)] (the discriminator maximises the bound)."""
-    _, g, f_star = F_GAN[divergence]
-    return f_star(g(v_theta)).mean() - g(v_ref).mean()
+    return f_star_of_g(v_theta, divergence).mean() - F_GAN[divergence][1](v_ref.float()).mean()
 
 
 def variational_loss(v_theta: torch.Tensor, divergence: str) -> torch.Tensor:
     """The trained model's side of the bound: -E_theta[f*(g_f(V(eps_theta)))] (as the official code)."""
-    _, g, f_star = F_GAN[divergence]
-    return -f_star(g(v_theta)).mean()
+    return -f_star_of_g(v_theta, divergence).mean()
 
 
 def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
@@ -379,7 +401,7 @@ def main(args):
     states_r = common.encode_prompts(model, prompts["retain"])
     unet = common.trainable_unet(model, args.gradient_checkpointing)
     params = common.select_params(unet, args.train_params)
-    opt = torch.optim.Adam(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)  # the official optimizer and weight decay
     modules, optimizers = {"unet": unet}, {"opt": opt}
     disc = None
     if args.variational:
@@ -449,7 +471,7 @@ def main(args):
                 loss = variational_loss(disc(pred), args.divergence)
         else:
             loss = closed_form_loss(pred, target, args.divergence, args.sigma)
-        stats["m"] = (pred.detach().float() - target).pow(2).mean()
+        stats["m"] = distance(pred.detach(), target).mean()
         if loss is not None:
             common.check_finite(loss, step + 1)
             opt.zero_grad(set_to_none=True)
@@ -501,7 +523,7 @@ def main(args):
     common.save_json(os.path.join(run, "summary.json"), summary)
     print(
         f"fdiv: done in {summary['wall_seconds']:.0f} s ({t_sets:.0f} s cached sets, {train_time:.0f} s for "
-        f"{summary['steps']} steps; time per step / its UNet passes = {summary['step_efficiency']:.2f}); peak "
+        f"{summary['steps']} steps; time per step / its UNet passes = {common.fmt(summary['step_efficiency'])}); peak "
         f"memory {summary['peak_memory_mb']:.0f} MB; trained UNet in {os.path.join(run, 'unet')}"
     )
     return run

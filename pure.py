@@ -96,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", "fp32", "bf16"],
         help="dtype of the frozen models and of autocast (auto: bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
@@ -234,12 +234,13 @@ def forget_loss(delta: torch.Tensor, beta: float, kind: str = "npo") -> torch.Te
 
     npo: (2/beta) softplus(-(beta/2) Delta) = -(2/beta) log sigmoid(beta Delta / 2): value (2/beta) log 2 and slope
     -1/2 at Delta = 0, slope -> 0 as Delta grows (saturation), -> -Delta/2 + const as beta -> 0 (gradient ascent).
-    ga: -Delta, whose gradient is that of -l(theta): unbounded gradient ascent on the denoising error.
+    ga: -Delta/2, NPO's beta -> 0 limit (the same weight at Delta = 0, so the ablation changes only the saturation):
+    unbounded gradient ascent on the denoising error.
     """
     if kind == "npo":
         return (2.0 / beta) * F.softplus(-(beta / 2.0) * delta)
     if kind == "ga":
-        return -delta
+        return -delta / 2
     raise ValueError(f"unknown forget loss {kind!r}")
 
 
@@ -526,7 +527,7 @@ def main(args):
     common.save_json(os.path.join(run, "summary.json"), summary)
     print(
         f"pure: done in {summary['wall_seconds']:.0f} s ({t_sets:.0f} s cached sets, {train_time:.0f} s for "
-        f"{summary['updates']} updates; time per update / its UNet passes = {summary['step_efficiency']:.2f}); peak "
+        f"{summary['updates']} updates; time per update / its UNet passes = {common.fmt(summary['step_efficiency'])}); peak "
         f"memory {summary['peak_memory_mb']:.0f} MB; trained UNet in {os.path.join(run, 'unet')}, samples in "
         f"{os.path.join(run, 'samples.png')}"
     )

@@ -113,7 +113,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy and torch")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="frozen models' dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="frozen models' dtype")
     p.add_argument(
         "--train_params",
         default=None,
@@ -198,10 +198,9 @@ def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alph
 
 def guided_x0(model, unet, x_t, t, cond, uncond, kappa: float) -> torch.Tensor:
     """x0-prediction of `unet` at x_t (fp32) with classifier-free guidance kappa (one call on the doubled batch); the
-    UNet sees its own dtype (bf16 for the SD teacher), the x0 formula stays in fp32."""
-    dtype = next(unet.parameters()).dtype
-    eps = common.cfg_eps(unet, x_t.to(dtype), t, cond.to(dtype), uncond.to(dtype), kappa)
-    return common.x0_from_eps(model.scheduler, x_t, eps.float(), t)
+    UNet sees its own dtype (bf16 for the SD teacher, common.cfg_eps), the x0 formula stays in fp32."""
+    eps = common.cfg_eps(unet, x_t, t, cond, uncond, kappa)
+    return common.x0_from_eps(model.scheduler, x_t, eps, t)
 
 
 def fake_score_loss(model, fake, x_g, t, noise, cond, uncond, kappa: float) -> torch.Tensor:
@@ -284,7 +283,7 @@ def save_generator_tensors(unet, base, path: str) -> None:
     trained ones and those it started with from --init_generator."""
     from safetensors.torch import save_file
 
-    own = base.state_dict()
+    own = base.state_dict()  # fp32, as loaded from disk (never the bf16 teacher: every tensor would differ)
     tensors = {
         n: v.detach().half().contiguous().cpu() for n, v in unet.state_dict().items() if not torch.equal(v, own[n])
     }
@@ -298,7 +297,8 @@ def seconds_per_image(model, unet, t_init, n: int = 16, repeats: int = 1) -> flo
     """Wall time per image of sampling n latents (decoding excluded): one step with t_init, else 25 DDIM steps, CFG."""
     cond = common.encode_prompts(model, ["an image of a church"] * n)
     z = common.initial_latents(model, list(range(n)))
-    common.sample(model, cond, z, 25, 7.5, unet=unet, t_init=t_init)  # warm-up
+    with common.autocast(model.device, model.dtype):
+        common.sample(model, cond, z, 25, 7.5, unet=unet, t_init=t_init)  # warm-up, in the timed regime
     common.sync(model.device)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -318,6 +318,10 @@ def main(args):
         prompts = common.concept_prompts(args.concept, args.retain_prompts)  # fails early on an unknown concept
     model = common.load_model(args.model, args.device, args.dtype)
     fill_world_defaults(args, model.world)
+    if model.world == "sd" and args.retain_prompts is None and args.concept != "none":
+        # SD: broad retain prompts, as the official run_sfd.sh's (LAION Aesthetics 6+ captions, not shipped there), not
+        # the nine other classes' prompts; the tiny world's text encoder knows only Pictonette's words
+        prompts["retain"] = [r["prompt"] for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "general.csv"))]
     if args.init_generator is None and model.world == "tiny" and args.concept != "none":
         if common.is_tiny(model.path) and os.path.isdir(TINY_GENERATOR):
             args.init_generator = TINY_GENERATOR
@@ -369,10 +373,17 @@ def main(args):
         + (f"; resuming at step {start}" if start else "")
     )
 
+    base_cache = []
+
+    def base_fp32():  # the base UNet in fp32, for the tensors the generator changed (loaded once, when first saving)
+        if not base_cache:
+            base_cache.append(teacher if teacher.dtype == torch.float32 else common.trainable_unet(model).eval())
+        return base_cache[0]
+
     def save(step: int) -> None:
         common.save_unet(gen, os.path.join(run, "unet"))
         if args.train_params != "full":
-            save_generator_tensors(gen, teacher, os.path.join(run, "generator.safetensors"))
+            save_generator_tensors(gen, base_fp32(), os.path.join(run, "generator.safetensors"))
         common.save_checkpoint(run, step, modules, optimizers)
 
     def samples() -> None:
@@ -407,11 +418,13 @@ def main(args):
         t0 = time.perf_counter()
         # 1. fake score: learn the score of the generator's current samples (retain and forget prompts alike)
         c_fake, _ = batch_prompts()
+        # SiD-LSG: 10% empty prompts for the guidance, dropped before the generator samples (the official
+        # training_loop.py), so the fake score learns the generator's unconditional samples under ""
+        drop = (torch.rand(n) < args.prompt_dropout).to(model.device)
+        c_train = torch.where(drop[:, None, None], state_e.expand(n, -1, -1), c_fake)
         z = torch.randn(n, *shape).to(model.device)
         with torch.no_grad(), common.autocast(model.device, model.dtype):
-            x_g = common.one_step(model, gen, c_fake, z, args.t_init).float()  # (n, 4, h, w), no generator gradient
-        drop = (torch.rand(n) < args.prompt_dropout).to(model.device)  # SiD-LSG: 10% empty prompts for the guidance
-        c_train = torch.where(drop[:, None, None], state_e.expand(n, -1, -1), c_fake)
+            x_g = common.one_step(model, gen, c_train, z, args.t_init).float()  # (n, 4, h, w), no generator gradient
         t = torch.randint(*T, (n,)).to(model.device)
         noise = torch.randn(n, *shape).to(model.device)
         fake.requires_grad_(True)
@@ -486,7 +499,7 @@ def main(args):
     eff = summary["step_efficiency"]
     print(
         f"sfd: done in {summary['wall_seconds']:.0f} s ({train_time:.0f} s for {summary['steps']} steps; time per "
-        f"step / its UNet passes = {eff if eff is None else round(eff, 2)}); peak memory "
+        f"step / its UNet passes = {common.fmt(eff)}); peak memory "
         f"{summary['peak_memory_mb']:.0f} MB; sampling {summary['sampling_speedup']:.1f}x faster than the 25-step "
         f"teacher; one-step generator in {os.path.join(run, 'unet')}"
     )

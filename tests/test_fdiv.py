@@ -54,11 +54,13 @@ def test_closed_forms_match_numerical_f_divergence_of_gaussians(name):
             assert to_divergence(loss, sigma) == pytest.approx(numeric, rel=1e-4, abs=1e-9), (name, sigma, d)
 
 
-def test_closed_form_loss_is_per_sample_mean_square_then_batch_mean():
+def test_closed_form_loss_is_the_official_channel_sum_of_spatial_means_then_batch_mean():
     pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
-    target[1] *= 2  # m = 1 and 4
-    assert fdiv.closed_form_loss(pred, target, "mse", 1.0).item() == pytest.approx(2.5)
-    expected = -(math.exp(-1 / 8) + math.exp(-4 / 8)) / 2
+    target[1] *= 2  # spatial means 1 and 4 per channel, summed over the 4 channels: m = 4 and 16
+    target[0, 0, 0, 0] = 3  # channel 0 of sample 0: mean of (9, 1, 1, 1) = 3, so m = 3 + 1 + 1 + 1 = 6
+    assert fdiv.distance(pred, target).tolist() == [6.0, 16.0]
+    assert fdiv.closed_form_loss(pred, target, "mse", 1.0).item() == pytest.approx(11.0)
+    expected = -(math.exp(-6 / 8) + math.exp(-16 / 8)) / 2
     assert fdiv.closed_form_loss(pred, target, "hellinger", 1.0).item() == pytest.approx(expected)
 
 
@@ -191,6 +193,8 @@ def run_fdiv(argv, check=True):
         ["--anchor", "esd", "--divergence", "mse"],
         ["--variational", "--divergence", "jensen_shannon", "--disc_warmup_steps", "1"],
         ["--prior_loss_weight", "0.5", "--num_retain_samples", "3"],
+        ["--dtype", "bf16"],  # the GPU user's regime on the CPU: untouched tensors must stay the base's fp32 ones
+        ["--dtype", "bf16", "--variational", "--divergence", "jensen_shannon", "--disc_warmup_steps", "1"],
     ],
 )
 def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
@@ -249,7 +253,8 @@ def test_bad_flags_give_one_line(argv, message, capsys):
 # ---------------------------------------------------------------- efficacy on the tiny world
 
 
-def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the GPU user's regime (CPU autocast, bf16 frozen models)
+def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path, dtype):
     """A default-flag run: the judge must stop seeing churches on the evaluation seeds while it still sees the other
     classes about as often as before: their mean within 5 points (the README's RA bar), no single class down by more
     than 30. All 10 classes, 16 images each: one image is 6 points of a class, so a per-class 15-point check is
@@ -259,8 +264,8 @@ def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
 
     if os.path.abspath(tiny_sd) != common.TINY:
         pytest.skip("needs the committed tiny model (data/tiny-sd)")
-    run = fdiv.main(fdiv.parse_args(["--concept", "church", "--out_dir", str(tmp_path / "run")]))
-    model = common.load_model(tiny_sd, device="cpu")
+    run = fdiv.main(fdiv.parse_args(["--concept", "church", "--dtype", dtype, "--out_dir", str(tmp_path / "run")]))
+    model = common.load_model(tiny_sd, device="cpu", dtype=dtype)
     trained = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
     classes = [r["class"] for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))]
     before, after = judge_accuracies(model, [model.unet, trained], classes, n=16)

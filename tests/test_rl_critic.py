@@ -225,19 +225,21 @@ def run_script(argv, check=True):
 
 
 @pytest.mark.parametrize(
-    "extra",
+    "extra,dtype",
     [
-        [],
-        ["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"],
-        ["--kl_weight", "0", "--lr_decay", "cosine", "--forget_anchor", "empty"],
+        ([], "fp32"),
+        ([], "bf16"),
+        (["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"], "fp32"),
+        (["--lora_rank", "2", "--advantage", "none", "--critic_input", "clean", "--forget_kl_weight", "0"], "bf16"),
+        (["--kl_weight", "0", "--lr_decay", "cosine", "--forget_anchor", "empty"], "fp32"),
     ],
 )
-def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
+def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra, dtype):
     from diffusers import UNet2DConditionModel
     from PIL import Image
 
     run = tmp_path / "run"
-    out = run_script(["--model", tiny_sd, "--steps", "2", "--out_dir", str(run), *FAST, *extra])
+    out = run_script(["--model", tiny_sd, "--steps", "2", "--out_dir", str(run), "--dtype", dtype, *FAST, *extra])
     assert "rl_critic step 2/2" in out.stdout and "time per step / its UNet passes" in out.stdout
     record = json.loads((run / "args.json").read_text())
     assert record["method"] == "rl_critic" and record["world"] == "tiny" and record["args"]["sample_steps"] == 3
@@ -246,8 +248,11 @@ def test_smoke_run_writes_a_complete_run_folder(tiny_sd, tmp_path, extra):
     assert all(np.isfinite(ln["reward_forget"]) and np.isfinite(ln["reward_retain"]) for ln in lines)
     lr = 1e-3  # the tiny default; the cosine is at half of it after 1 of 2 iterations
     assert [ln["lr"] for ln in lines] == pytest.approx([lr, lr / 2] if "cosine" in extra else [lr, lr])
-    for key in ["pg_loss", "approx_kl", "old_approx_kl", "clipfrac"]:
+    for key in ["pg_loss", "approx_kl", "old_approx_kl", "clipfrac", "logratio_before_update"]:
         assert np.isfinite(lines[1][key]) and (key not in lines[0]) == ("--advantage" not in extra)
+    # before the batch's first optimizer step the policy is the one that sampled: log r = 0 (bf16 included: the DDIM
+    # step and its log-density are fp32, the stored states are not rounded)
+    assert lines[1]["logratio_before_update"] < 1e-3
     assert ("explained_var" in lines[0]) == ("--advantage" not in extra)
     if "--forget_kl_weight" in extra:  # the retain prompts' trust region only (the tiny default has both)
         assert lines[1]["kl_ref"] >= 0 and lines[1]["kl_forget"] == 0

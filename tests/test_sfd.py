@@ -108,13 +108,15 @@ def test_forgetting_term_asks_the_teacher_about_the_override_and_the_fake_score_
 # ---------------------------------------------------------------- runs, eval.py, resume, errors
 
 
-def test_smoke_run_writes_a_complete_run_folder_that_eval_samples_in_one_step(tiny_sd, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_smoke_run_writes_a_complete_run_folder_that_eval_samples_in_one_step(tiny_sd, tmp_path, dtype):
     from diffusers import UNet2DConditionModel
     from PIL import Image
 
     import eval as evaluate
 
-    run = sfd.main(sfd.parse_args(["--model", tiny_sd, "--steps", "2", "--out_dir", str(tmp_path / "run"), *FAST]))
+    argv = ["--model", tiny_sd, "--steps", "2", "--out_dir", str(tmp_path / "run"), "--dtype", dtype, *FAST]
+    run = sfd.main(sfd.parse_args(argv))
     record = json.loads(open(os.path.join(run, "args.json")).read())
     assert record["method"] == "sfd" and record["sampler"] == {"t_init": 625}
     assert record["args"]["lr"] == sfd.WORLD_DEFAULTS["tiny"]["lr"] and record["args"]["train_params"] == "xattn-kv"
@@ -126,7 +128,10 @@ def test_smoke_run_writes_a_complete_run_folder_that_eval_samples_in_one_step(ti
     changed = [n for (n, p), q in zip(unet.named_parameters(), start.parameters()) if not torch.equal(p, q)]
     assert changed and all("attn2.to_k." in n or "attn2.to_v." in n for n in changed)
     assert Image.open(os.path.join(run, "samples.png")).width > 0
-    assert os.path.isfile(os.path.join(run, "generator.safetensors"))
+    from safetensors.torch import load_file
+
+    saved = set(load_file(os.path.join(run, "generator.safetensors")))  # what differs from the base: the trained
+    assert set(changed) <= saved and len(saved) < len(unet.state_dict()) // 2  # tensors and the distilled init's
     summary = json.loads(open(os.path.join(run, "summary.json")).read())
     assert summary["steps"] == 2 and summary["step_efficiency"] > 0 and summary["sampling_speedup"] > 1
     # eval.py samples the run's UNet in one step (args.json's sampler), one image per class here
