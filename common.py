@@ -100,7 +100,7 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-# fp16 is not offered: it needs a GradScaler for the fp32 trained weights, and bf16 (same memory, fp32's range) does not.
+# No fp16: it needs a GradScaler for the fp32 trained weights; bf16 (same memory, fp32's range) does not.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

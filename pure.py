@@ -527,7 +527,8 @@ def main(args):
     common.save_json(os.path.join(run, "summary.json"), summary)
     print(
         f"pure: done in {summary['wall_seconds']:.0f} s ({t_sets:.0f} s cached sets, {train_time:.0f} s for "
-        f"{summary['updates']} updates; time per update / its UNet passes = {common.fmt(summary['step_efficiency'])}); peak "
+        f"{summary['updates']} updates; time per update / its UNet passes = "
+        f"{common.fmt(summary['step_efficiency'])}); peak "
         f"memory {summary['peak_memory_mb']:.0f} MB; trained UNet in {os.path.join(run, 'unet')}, samples in "
         f"{os.path.join(run, 'samples.png')}"
     )

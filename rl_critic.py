@@ -983,7 +983,8 @@ def main(args):
     common.save_json(os.path.join(run, "summary.json"), summary)
     print(
         f"rl_critic: done in {summary['wall_seconds']:.0f} s ({train_time:.0f} s for {n_iter} iterations; time per "
-        f"step / its UNet passes = {common.fmt(summary['step_efficiency'])}); peak memory {summary['peak_memory_mb']:.0f} MB; "
+        f"step / its UNet passes = {common.fmt(summary['step_efficiency'])}); "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB; "
         f"trained UNet in {os.path.join(run, 'unet')}"
     )
     print("rl_critic: seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_seconds"].items()))

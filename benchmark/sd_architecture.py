@@ -112,7 +112,7 @@ def vision_config(scale: str) -> dict:
 
 
 def build(folder: str, scale: str = "full", seed: int = 0) -> str:
-    """Write `folder`/sd (a diffusers StableDiffusionPipeline folder) and `folder`/clip (a CLIPModel with its processor),
+    """Write `folder`/sd (a diffusers StableDiffusionPipeline folder) and `folder`/clip (a CLIPModel, processor),
     random weights from `seed`, fp32 safetensors. Returns `folder`."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
