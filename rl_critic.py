@@ -20,8 +20,8 @@ a small CNN trained once on Pictonette (--reward classifier; the policy fooled t
 
 SD:   python rl_critic.py --model CompVis/stable-diffusion-v1-4 --concept church
       (time/memory: README, "Stable Diffusion cost")
-Tiny: python rl_critic.py --concept church  (5.3-6.1 min on one CPU thread, 1 GB, on tiny-world-v1;
-      the first run also fits the reward CNN, about 6 min, cached in runs/.cache)
+Tiny: python rl_critic.py --concept church  (337 s on one CPU thread, peak memory 1.43 GB: docs/results.md;
+      the first run's time includes fitting the reward CNN once, cached in runs/.cache)
 """
 
 import argparse
