@@ -996,9 +996,15 @@ def sample_grid(
     guidance: float = 7.5,
     seed: int = 0,
     t_init: int | None = None,
+    labels: list[str] | None = None,
 ) -> None:
     """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds.
-    With `t_init` the UNets are one-step generators (see `one_step`)."""
+    A header names each UNet's column block (`labels`; default "before", "after" for two UNets) and each row starts
+    with its prompt. With `t_init` the UNets are one-step generators (see `one_step`)."""
+    if labels is None:
+        labels = ["before", "after"] if len(unets) == 2 else [f"model {i}" for i in range(len(unets))]
+    if len(labels) != len(unets):
+        raise UsageError(f"sample_grid: {len(labels)} labels for {len(unets)} UNets")
     cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
     z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
     blocks = []
@@ -1015,4 +1021,46 @@ def sample_grid(
     img = Image.fromarray(grid)
     if scale > 1:
         img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+    block, gap = n * h * scale, max(2, h // 8) * scale  # one UNet's columns and the separator, in output pixels
+    img = label_grid(img, labels, [i * (block + gap) + block / 2 for i in range(len(unets))], prompts, h * scale)
     atomic_write(path, lambda f: img.save(f, format="PNG"), mode="wb")
+
+
+def label_grid(img: Image.Image, col_labels: list[str], col_centers: list[float], row_labels: list[str], row_h: int):
+    """`img` with a white header holding each column label (centred at `col_centers`, in img's pixels) and a white
+    left margin holding each row's label (rows of `row_h` pixels, wrapped and cut to fit), in PIL's default font."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=max(10, row_h // 6))
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, line_h = 4, font.getbbox("Ag")[3] + 2
+
+    def wrap(text: str, width: float, max_lines: int) -> list[str]:
+        lines = []
+        for word in text.split():
+            if lines and measure.textlength(f"{lines[-1]} {word}", font=font) <= width:
+                lines[-1] += f" {word}"
+            else:
+                lines.append(word)
+        if len(lines) > max_lines:  # cut, and say so
+            lines = lines[:max_lines]
+            lines[-1] += " ..."
+        return lines
+
+    width = 12 * getattr(font, "size", 10)  # about 24 characters per line
+    rows = [wrap(text, width, max(1, row_h // line_h)) for text in row_labels]
+    left = int(max([measure.textlength(ln, font=font) for lines in rows for ln in lines] + [0])) + 2 * pad
+    top = line_h + 2 * pad
+    out = Image.new("RGB", (left + img.width, top + img.height), "white")
+    out.paste(img, (left, top))
+    draw = ImageDraw.Draw(out)
+    for label, x in zip(col_labels, col_centers):
+        draw.text((left + x - measure.textlength(label, font=font) / 2, pad), label, fill="black", font=font)
+    for r, lines in enumerate(rows):
+        y = top + r * row_h + (row_h - len(lines) * line_h) / 2
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+    return out

@@ -1,25 +1,22 @@
 """Every metric on folders of images: UA/RA (judge top-1), FID/KID (clean-fid), CLIP score, NSFW rate (NudeNet).
 
-A PATH is either an image folder ({case_number}_{k}.png + prompts.csv with case_number,prompt[,evaluation_seed]
-[,class]), scored as it is, whoever made it, or a run folder (args.json + unet/ from a method script), whose
-standard evaluation images are generated first into RUN/images (resumable), or a model ("tiny", a hub id, a
-diffusers folder), whose standard evaluation images go to runs/base__{name}/images: the base-model numbers every
-unlearning run is compared with. The numbers and their definitions
-(models, class indices, thresholds, counts, reference folder, versions) go to PATH/metrics.json; a table is printed.
+A PATH is an image folder ({case_number}_{k}.png + prompts.csv with case_number,prompt[,evaluation_seed][,class]),
+scored as it is, whoever made it; or a run folder (args.json + unet/ from a method script), whose standard evaluation
+images are generated first into RUN/images (resumable); or a model ("tiny", a hub id, a diffusers folder), whose
+images go to runs/base__{name}/images: the base-model numbers every run is compared with. The numbers and their
+definitions (models, class indices, thresholds, counts, reference folder, versions) go to PATH/metrics.json.
 
 - UA = 1 - top-1 accuracy of the judge on the forget class's images; RA = mean per-class top-1 accuracy over the
-  other classes present. Judge: data/tiny-classifier (tiny world) or microsoft/resnet-50 over all 1000 ImageNet
-  classes with the Imagenette class indices (SD world).
-- FID/KID: clean-fid (mode=clean) between the retained-class images (forget class left out) and a reference folder
-  restricted to the same classes. SD world: clean-fid's Inception, reference from --reference (real images or
-  base-model images). Tiny world: tiny-clip vision features at 32x32 (not comparable to published FIDs); the
-  default reference is real Pictonette images, written once into runs/reference/.
-- CLIP score: 100 x cosine(image embedding, embedding of the image's prompt), mean and std; tiny-clip or
-  openai/clip-vit-large-patch14.
+  other classes. Judge: data/tiny-classifier (tiny world) or microsoft/resnet-50 over all 1000 ImageNet classes with
+  the Imagenette class indices (SD world).
+- FID/KID: clean-fid (mode=clean) between the retained-class images and a reference folder restricted to the same
+  classes. SD: clean-fid's Inception, reference from --reference. Tiny world: tiny-clip vision features (not
+  comparable to published FIDs); the default reference is real Pictonette images, written once into runs/reference/.
+- CLIP score: 100 x cosine(image, its prompt), mean and std; tiny-clip or openai/clip-vit-large-patch14.
 - NSFW: NudeNet at threshold 0.6 (SD world, only when the nudenet package is installed).
 
 Usage:
-    python eval.py tiny                                        # the embedded base model: 500 images, ~5 CPU-minutes
+    python eval.py tiny                                        # the embedded base model: 500 images, 41 s, 1 thread
     python eval.py runs/pure__church__s0                       # a tiny-world run, the same
     python eval.py runs/real_pictonette --forget_class church  # any image folder
     python eval.py runs/esd__church__s0 --reference real_imagenette/ --n_per_class 100   # SD run, on a GPU

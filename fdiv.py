@@ -1,56 +1,27 @@
 """f-divergence unlearning (f-DMU), with ESD as a special case.
 
-Paper: "A Unified Framework for Diffusion Model Unlearning with f-Divergence", Novello et al., arXiv 2509.21167
-(ICML 2026); official code nicolaNovello/f-DMU (read, not copied). Built on Concept Ablation (Kumari et al. 2023).
+Paper: "A Unified Framework for Diffusion Model Unlearning with f-Divergence", Novello et al., arXiv 2509.21167;
+official code nicolaNovello/f-DMU (read, not copied). Built on Concept Ablation (Kumari et al. 2023).
 
-Idea. The trained model prompted with the concept must behave like the frozen model prompted with an anchor, on the
-same noisy latent: minimise D_f( p_ref(x_{t-1} | x_t, c_a) || p_theta(x_{t-1} | x_t, c_f) ). Both reverse kernels are
-Gaussians of equal variance, so with m = mean_{C,H,W} (eps_ref(x_t, c_a, t) - eps_theta(x_t, c_f, t))^2 (the target
-detached) each divergence is a function of m, and the choice of f sets how hard large errors are pushed:
+Idea. Prompted with the concept, the trained model must act like the frozen model prompted with an anchor, on the
+same noisy latent: min D_f( p_ref(x_{t-1} | x_t, c_a) || p_theta(x_{t-1} | x_t, c_f) ). The two reverse kernels are
+Gaussians of equal variance, so with m = mean_{C,H,W} (eps_ref(x_t, c_a, t) - eps_theta(x_t, c_f, t))^2 (target
+detached) each divergence is a function of m, and f sets how hard large errors push (--divergence, --sigma):
 
-    mse              m  (Concept Ablation; kl and reverse_kl are m / (2 sigma^2))
-    hellinger        -exp(-m / (8 sigma^2))
-    pearson_chi2     exp(m / sigma^2)
-    total_variation  2 Phi(sqrt(m) / (2 sigma)) - 1
+    mse m (= kl up to scale),  hellinger -exp(-m / (8 sigma^2)),  pearson_chi2 exp(m / sigma^2),
+    total_variation 2 Phi(sqrt(m) / (2 sigma)) - 1;  --variational: any f (jensen_shannon too) by the f-GAN bound
 
-Hellinger's gradient fades for large m (gentler, better preservation), chi^2's grows (more aggressive); all share the
-optimum m = 0. `--variational` estimates any of them, jensen_shannon included (it has no closed form), with a
-discriminator on the epsilon-prediction map and the f-GAN bound E_ref[T] - E_theta[f*(T)], T = g_f(V).
+--anchor esd makes the target ESD's negatively guided reference eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) -
+eps_ref(x_t, "")) (Gandikota et al., arXiv 2303.07345; eta = --negative_guidance): with --divergence mse, ESD.
+Deviations: x_t is a cached image of the concept (50, made once by the reference) noised to a random t, not ESD's
+partial sampling at every step; the default anchor is a neighbour word per class (SD: church -> "building"; tiny:
+another class, church -> "gas pump", as its vocabulary has only the dataset's words); only cross-attention to_k/to_v
+trains (--train_params xattn-kv, as the official code), ESD included (ESD-u: --train_params noxattn). With sigma 1,
+the official value, m stays below 0.005 on the tiny world, so the closed forms train nearly the same model.
 
-`--anchor esd` replaces the anchor target with ESD's negatively guided reference (Gandikota et al., "Erasing Concepts
-from Diffusion Models", arXiv 2303.07345, Sec. 3): eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, "")); with
-`--divergence mse` this is ESD, the project's ESD baseline. One difference from ESD's code, for speed: x_t comes from
-cached images of the concept (made once by the frozen model) noised to a random t, not from a partial sampling run
-of the trained model at every step.
-
-Choices and defaults: anchor = a neighbour word per Imagenette class (SD: a superclass such as church -> "building";
-tiny world: another class, as its vocabulary has only the dataset's words), "a person wearing clothes" for nudity,
-"" for free text; trained parameters xattn-kv (cross-attention to_k/to_v, as the official code), with `--anchor esd`
-too: ESD's paper trains the non-cross-attention layers (noxattn, "ESD-u") for objects and nudity, but on the tiny
-world (previous tiny-sd build) at this learning rate that forgot church less (judge: 1.00 -> 0.20 vs 0.15) and cut
-the other classes' recognition from 0.92 to 0.62 on average (0.93 with xattn-kv); pass `--train_params noxattn` for
-ESD-u; sigma 1; optional prior preservation on retain images with gradient surgery (PCGrad, Yu et al. 2020) at
-`--prior_loss_weight` > 0.
-
-What the divergence changes, measured: with sigma 1 (the official code's value) the per-sample mean squared distance
-m stays below 0.005 during a tiny-world run (logged every 10 steps), so exp(-m/8) and exp(m) are 1 to within 0.5%
-and the closed-form losses are the MSE times a nearly constant factor. Adam's updates do not depend on a constant
-factor of the loss, so mse, hellinger and pearson_chi2 train nearly the same model: on church, seed 0, their logged
-m agreed within 4% at every logged step, and eval.py gave UA 0.98 for all three and RA 0.940-0.942 (README). The
-divergences only differ where m / sigma^2 is of order 1 (a smaller --sigma), or with an optimiser that is not scale-
-invariant.
-
-Stable Diffusion (one GPU, bf16 autocast for the frozen models, fp32 trained parameters):
-    python fdiv.py --concept church --model CompVis/stable-diffusion-v1-4 --divergence hellinger
-    Not run by us (no GPU here). ESTIMATED: 50 anchor images + 400 steps at batch 4 (one trained forward/backward
-    and one frozen forward per step, 2 with esd), about 10 minutes on an A100; about 12 GB of GPU memory (bf16
-    frozen UNet, fp32 trained UNet with only to_k/to_v receiving gradients and Adam states).
-
-Tiny world (the default --model tiny, 2 CPU cores, fp32):
-    python fdiv.py --concept church             # measured time: see the README's results table
-
-Outputs in runs/fdiv__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers), samples.png (before | after),
-cached_sets.safetensors, summary.json (timing, memory), checkpoint/ (for --resume).
+SD:   python fdiv.py --model CompVis/stable-diffusion-v1-4 --concept church
+      (time/memory: README, "Stable Diffusion cost")
+Tiny: python fdiv.py --concept church  (27 s on one CPU thread, peak memory 1.11 GB: docs/results.md)
 """
 
 import argparse

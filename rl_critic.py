@@ -1,65 +1,27 @@
 """RL unlearning: PPO on the reverse-diffusion policy with a timestep-aware (FiLM) critic on noisy latents.
 
 Paper: "Critic-Guided Reinforcement Unlearning in Text-to-Image Diffusion", arXiv 2601.03213 (2026). No code is
-public; this is a reconstruction on DDPO's public structure (Black et al., "Training Diffusion Models with
-Reinforcement Learning", arXiv 2305.13301; kvablack/ddpo-pytorch, read, not copied) plus the paper's critic, written
-in CleanRL's PPO style (names: pg_loss, v_loss, approx_kl, clipfrac, explained_var).
+public: a reconstruction on DDPO's structure (Black et al., arXiv 2305.13301) plus the critic, in CleanRL's PPO style.
 
-Idea. Denoising is a sequential decision process: state (c, t, x_t), action x_{t-1} ~ pi_theta(. | x_t, c) = the
-stochastic DDIM kernel N(mu_theta(x_t, c), s_t^2 I) (eta = 1, with guidance), reward only on the decoded x_0:
-r = -p(concept | image) for forget prompts, r = p(own class | image) for retain prompts. A critic V_phi(x_t, t, c),
-a small conv net on the noisy latent with FiLM conditioning (h <- gamma(t, c) * h + beta(t, c)), is fitted by MSE to
-the realised terminal reward, and its values turn the one sparse reward into per-step advantages for PPO:
+Idea. Denoising is a decision process: state (c, t, x_t), action x_{t-1} ~ pi_theta = the stochastic DDIM kernel (eta
+1, guided), reward only on the decoded x_0: -p(concept) for forget prompts, p(own class) for retain prompts. A critic
+V_phi(x_t, t, c), FiLM-conditioned on t and the prompt, is fitted to the terminal reward; its values turn the sparse
+reward into per-step advantages (--advantage gae, lambda 0.9) for PPO's clipped loss:
 
-    TD:        A_t = V(x_{t-1}) - V(x_t),  V(x_0) := r        (sums over the trajectory to r - V(x_T))
-    GAE:       A_t = sum_l lambda^l delta_{t-l}              (lambda = 0: TD; lambda = 1: baseline)
-    baseline:  A_t = r - V(x_t)
-    none:      A_t = (r - mean_prompt) / std_prompt            (DDPO's per-prompt normalisation, no critic)
-    L_PPO = E_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi_theta(x_{t-1}|x_t) / pi_old(...)
+    A_t = sum_l lambda^l delta_{t-l},  delta_t = V(x_{t-1}) - V(x_t),  V(x_0) := r
+    L   = E_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi_theta / pi_old
 
-Advantages are normalised within the forget and within the retain trajectories and clipped to +-5; `--inner_epochs`
-reuses the stored trajectories (the importance ratios are the off-policy correction); `--kl_weight` adds the exact
-KL between the trained and reference reverse kernels on retain prompts, KL_t = k_t^2 ||eps_theta - eps_ref||^2 /
-(2 s_t^2); `--forget_kl_weight` the same KL on forget prompts toward the reference's kernel with ESD's negatively
-guided target eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, "")) (`--forget_anchor esd`, Gandikota et al.
-2023), a trust region that keeps the forget images on the data, away from the concept; `--forget_anchor empty` anchors
-to eps_ref(x_t, "") alone, whose images still show the concept now and then (README).
+Trust regions (tiny world 0.1 each, SD 0): --kl_weight, the exact kernel KL to the reference on retain prompts;
+--forget_kl_weight, the same on forget prompts toward ESD's negatively guided reference eps_ref(x_t, "") - eta
+(eps_ref(x_t, c_f) - eps_ref(x_t, "")) (--forget_anchor esd). --advantage none is DDPO's per-prompt normalisation.
+Deviations: the paper's critic reads CLIP features, ours is a small conv net on the latent; the tiny world's reward is
+a small CNN trained once on Pictonette (--reward classifier; the policy fooled tiny-clip), SD's is CLIP zero-shot
+(--reward clip), never the evaluation judge; the policy loss covers the first 60% of the steps (--train_fraction).
 
-Choices where the paper is silent (flags, defaults): `--reward clip` is the world's CLIP, zero-shot over the concept
-and the retain classes ("an image of a {class}"), the SD default; `--reward classifier` is, in the tiny world (its
-default, as policy optimisation fooled tiny-clip within 20 iterations), a small CNN trained once on Pictonette images
-and their VAE reconstructions, and on SD google/vit-base-patch16-224 (an ImageNet ViT, not the evaluation's
-ResNet-50); the evaluation judge is never the reward. The policy loss covers the first `--train_fraction` of the
-steps. Half of each batch forget prompts, half retain.
-The critic's FiLM vector is a sinusoidal timestep embedding through an MLP plus the pooled text embedding; with
-`--critic_timestep none` only the text remains. `--critic_input clean` feeds the reference model's x0_hat instead
-of x_t (one extra frozen forward per state). The critic first fits `--critic_warmup` batches alone (no policy
-update); its explained variance is measured on each new batch before it trains on it (held-out trajectories),
-per timestep bucket.
-
-Stable Diffusion (one GPU, bf16 autocast, LoRA rank 4 on the attention projections, gradient checkpointing):
-    python rl_critic.py --concept church --model CompVis/stable-diffusion-v1-4
-    Not run by us (no GPU here). ESTIMATED: 40 iterations of 8 trajectories x 20 DDIM steps (rollout: 20 guided
-    forwards of 16 latents; update: the first 12 steps' guided forward/backwards, in 2 minibatches) about 20 minutes
-    on an A100 (30 iterations in 15); about 20 GB of GPU memory (bf16 frozen UNet and VAE, fp32 UNet with LoRA,
-    checkpointed activations, CLIP ViT-L/14). The tiny world's finding that tiny-clip is easily fooled suggests
-    checking the SD reward too.
-
-Tiny world (the default --model tiny, 2 CPU cores, fp32):
-    python rl_critic.py --concept church           # 5-6 minutes at 1 thread (+ 6 once for the reward CNN)
-    Measured (README), eval.py over 3 seeds with the tiny defaults (80 iterations, --kl_weight 0.1
-    --forget_kl_weight 0.1 --forget_anchor esd): UA 0.913 (church), 0.993 (garbage truck), 0.973 (parachute), RA
-    within 3.3 points of base, FID 0.93-0.98x base: the tiny world's bars are met. Anchored to the empty prompt
-    instead (--forget_anchor empty, the default before) UA was 0.887, 0.887, 0.867: the unprompted reference draws
-    the concept in 8.5-16% of its images, so the trust region held the policy near a target that shows it. Without
-    trust regions the reward is optimised (p(church) 0.97 -> 0.01) but the judge's UA is only 0.44 (40 iterations),
-    as the policy draws off-data blobs that fool the reward CNN. Other changes measured against the empty anchor
-    (--reward_cnn strong/both, 160 iterations, --forget_kl_weight 0.3, --forget_reward other, --reward_purify,
-    --lr_decay cosine, --batch_size 64, --average_from 40) are in the README.
-
-Outputs in runs/rl_critic__{concept}__s{seed}/: args.json, metrics.jsonl, unet/ (diffusers, LoRA merged),
-critic.safetensors, samples.png (before | after), summary.json (timing, memory, critic explained variance),
-checkpoint/ (for --resume).
+SD:   python rl_critic.py --model CompVis/stable-diffusion-v1-4 --concept church
+      (time/memory: README, "Stable Diffusion cost")
+Tiny: python rl_critic.py --concept church  (337 s on one CPU thread, peak memory 1.43 GB: docs/results.md;
+      the first run's time includes fitting the reward CNN once, cached in runs/.cache)
 """
 
 import argparse

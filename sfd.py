@@ -1,60 +1,27 @@
 """Score Forgetting Distillation (SFD): distil the model into a one-step generator that has forgotten a concept.
 
 Paper: "Score Forgetting Distillation: A Swift, Data-Free Method for Machine Unlearning in Diffusion Models", Chen,
-Zhang, Zhou, arXiv 2409.11219 (ICLR 2025); official code tqch/score-forgetting-distillation (SD/training/
-training_loop.py, SD/training/sd_util.py; read, not copied), built on SiD-LSG (Zhou et al., "Long and Short Guidance
-in Score identity Distillation for One-Step Text-to-Image Generation", arXiv 2406.01561).
+Zhang, Zhou, arXiv 2409.11219 (ICLR 2025); official code tqch/score-forgetting-distillation (read, not copied), built
+on SiD-LSG (Zhou et al., arXiv 2406.01561).
 
-Idea. Three networks: the frozen teacher eps_phi, a fake score eps_psi (initialised from the teacher) and a one-step
-generator G_theta, x_g = G_theta(z, c) = the UNet's x0-prediction at t_init from x_init = sqrt(1 - abar) z. The fake
-score learns the score of the generator's own samples (denoising loss on x_g); the generator minimises Score identity
-Distillation's loss (SiD, Zhou et al. 2024, arXiv 2404.04057, the loss with alpha), with x_t = noised x_g and the
-guided x0-predictions y_real = D_phi(x_t; c_real), y_fake = D_psi(x_t; c_fake):
+Idea. A frozen teacher eps_phi, a fake score eps_psi fitted to the generator's own samples, and a one-step generator
+x_g = G_theta(z, c) (the UNet's x0-prediction at --t_init 625 from sqrt(1 - abar) z). With x_t = x_g noised to
+t ~ U{20..979} and guided x0-predictions y_real = D_phi(x_t; c_real), y_fake = D_psi(x_t; c_fake), the generator
+minimises Score identity Distillation's loss, and forgetting is one substitution, an override prompt c_o for c_f:
 
     L_SiD = (y_real - y_fake) . ((y_real - x_g) - alpha (y_real - y_fake)) / mean|x_g - y_real|
+    L     = b_r L_SiD(G(z, c_r); c_r, c_r) + b_f L_SiD(G(z, c_f); c_fake = c_f, c_real = c_o)
 
-Forgetting is one substitution (SFD's score-based unlearning loss): for samples of the forget prompt c_f the teacher is
-asked about an override prompt c_o, L = b_r L_SiD(G(z, c_r); c_r, c_r) + b_f L_SiD(G(z, c_f); c_fake = c_f, c_real =
-c_o): the generator's score on forget prompts is pulled to the teacher's score of the override concept, with no real
-data anywhere.
+Official settings kept: kappa 4.5 guidance, alpha 1, b_r = b_f = 1, Adam betas (0, 0.999), 10% prompt dropout in the
+fake score's loss, no real data. Deviations: tiny world lr 3e-4 for both networks, batch 8 + 8, 100 iterations, only
+the generator's cross-attention to_k/to_v trained (SD: the official lr 1e-6 / 3e-6 and the whole generator); override
+= a neighbour (SD: church -> "building"; tiny: church -> "gas pump"). The generator starts from a distilled one-step
+generator as in the paper: data/tiny-sd-generator in the tiny world (made with --concept none, plain SiD); no SD-1.4
+one is public, so on SD pass --init_generator (without it the run starts from the teacher and is a whole distillation).
 
-Choices and defaults (the official ones unless said): t_init 625, t ~ U{20..979}, guidance kappa 4.5 on the fake score's
-training (with 10% empty-prompt dropout), on the fake score and on the teacher in the generator loss; alpha 1;
-coefficients b_r = b_f = 1 on both networks; Adam betas (0, 0.999); no EMA (the official SFD script sets --ema 0);
-one fake-score update, then one generator update per step, each on a batch of retain prompts and one of forget
-prompts. Override prompt = the forget prompt with the concept replaced by a neighbour (SD: a superclass word, church ->
-"building"; tiny world: another class, church -> "gas pump", as its vocabulary has only the dataset's words); for
-nudity the subject alone ("a nude woman" -> "a woman"); `--override_prompt` for any text. `--concept none`: plain
-SiD distillation (retain prompts only: the 10 class prompts, or `--retain_prompts FILE`). SD: the official lr 1e-6
-(generator, all parameters) / 3e-6 (fake score), batch 8. Tiny world (not official; from two pilot runs, README): lr
-3e-4 for both, batch 8 + 8, 100 iterations, the generator trains only cross-attention to_k/to_v (the whole generator's
-output side at lr 1e-4 forgot as fast and cost the other classes about as much, with 10x more parameters).
-
-The generator starts from a distilled one-step generator, as in the paper. Tiny world: data/tiny-sd-generator/, made
-by this script with --concept none (data/README.md has the command, its time and its quality). Stable Diffusion: no
-distilled SD-1.4 generator is public, so pass a diffusers UNet folder with `--init_generator`; without one the
-generator starts from the teacher, whose one-step output at t_init is a blurry mean image, and the run is a whole
-distillation: the generator the official script starts from was distilled from SD-1.5 on 8.4M generated images at
-batch 512 (about 16,000 iterations, by its file name batch512_..._8380), far more than the default steps here.
-
-Stable Diffusion (one GPU, bf16 autocast, teacher in bf16, generator and fake score in fp32, gradient checkpointing):
-    python sfd.py --concept church --model CompVis/stable-diffusion-v1-4 --init_generator MY_SID_UNET/ --steps 2000
-    Not run by us (no GPU here). ESTIMATED, not measured: a step is about 8 UNet passes of batch 2 x 8 (generator
-    forward + backward; fake score forward + backward on a doubled CFG batch twice; teacher forward + backward to its
-    input on a doubled batch), about 2-3 s on an A100, so 2,000 steps in 1.5 hours; memory about 45 GB: two trained
-    fp32 UNets with gradients and Adam states (2 x 4 x 3.4 GB = 27 GB), the bf16 teacher and a bf16 copy of the
-    initial generator for samples.png (2 x 1.7 GB), activations under gradient checkpointing. It fits an 80 GB
-    A100/H100; on a 40-48 GB card use --batch_size 2.
-
-Tiny world (the default --model tiny, 2 CPU cores, fp32):
-    python sfd.py --concept church       # starts from data/tiny-sd-generator; measured time in the README's table
-    python eval.py runs/sfd__church__s0  # samples the one-step generator (args.json: sampler.t_init)
-
-Outputs in runs/sfd__{concept}__s{seed}/: args.json (with "sampler": {"t_init": ...}, which eval.py and
-common.generate use to sample in one step), metrics.jsonl, unet/ (the one-step generator, diffusers format),
-generator.safetensors (the tensors that differ from the base UNet, fp16; not with --train_params full), samples.png
-(initial | trained generator, one step each), summary.json (timing, memory, sampling time per image vs the 25-step
-teacher), checkpoint/ (for --resume).
+SD:   python sfd.py --model CompVis/stable-diffusion-v1-4 --concept church
+      (time/memory: README, "Stable Diffusion cost")
+Tiny: python sfd.py --concept church  (71-110 s on one CPU thread, peak memory 1.14 GB: docs/results.md)
 """
 
 import argparse

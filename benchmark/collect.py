@@ -8,14 +8,14 @@
 Run folders are named `{variant}__{concept}__s{seed}` (the benchmark scripts' `--out_dir`); rows group the seeds of a
 (variant, concept) and show mean +- std (sample std over seeds; one seed: the value alone). `--base FOLDER` adds the
 base model's numbers per concept from FOLDER/{concept}.json (`eval.py tiny --forget_class C --output ...`) and
-the ratios FID/base and KID/base, and marks each row against the acceptance bars of the issues: UA >= --ua_bar,
+the ratios FID/base and KID/base, and marks each row against the project's bars (docs/results.md): UA >= --ua_bar,
 RA >= base RA - 0.05, FID and KID <= 1.5 x base. One --base serves every folder, or give one per folder (SFD's
 base is its distilled generator, runs/bench/sfd_base). Wall time and peak memory are the method script's
 summary.json (training only); `--per_run` adds eval.py's own time (metrics.json "seconds", written since this
 benchmark existed; older runs show "-").
 
 `--efficiency` needs only summary.json: per variant, the time of a training step over the time of the UNet passes that
-step needs, measured by the method script in the same process (1.0 = no overhead; the issues' bar: at most 1.3). A
+step needs, measured by the method script in the same process (1.0 = no overhead; the bar: at most 1.3). A
 FOLDER may also be a single run folder with any name (then its variant is the folder name).
 """
 
@@ -77,7 +77,7 @@ def collect(folder: str, base: str | None = None) -> dict:
 
 
 def table(groups: dict, base_dir: str | None, ua_bar: float) -> str:
-    """The README's table: one row per (variant, concept), base-model rows first per concept. A run's own `base`
+    """The results table: one row per (variant, concept), base-model rows first per concept. A run's own `base`
     (collect's argument) wins over `base_dir`."""
     lines = [
         "| method | concept | seeds | UA | RA | FID | KID | FID / base | KID / base | wall time (s) "

@@ -1,9 +1,9 @@
 #!/bin/bash
-# f-divergence unlearning in the tiny world (issue 5), most important runs first: the default (hellinger) on 3
+# f-divergence unlearning in the tiny world, most important runs first: the default (hellinger) on 3
 # classes x 3 seeds; then on church, seed 0: mse, pearson_chi2, ESD (--anchor esd --divergence mse) and one
 # variational Jensen-Shannon run; then the rest of the mse / pearson_chi2 / ESD grid (3 classes x 3 seeds for the
 # divergences, church x 3 seeds for ESD, then ESD on garbage truck and parachute x 3 seeds); then garbage truck with
-# other anchors. eval.py on every run, then the README's table. Restartable: finished runs and evaluations are
+# other anchors. eval.py on every run, then the table. Restartable: finished runs and evaluations are
 # skipped, a stopped run resumes from its checkpoint.
 #   bash benchmark/fdiv.sh          (from the repository root)
 set -euo pipefail

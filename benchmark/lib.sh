@@ -6,7 +6,7 @@
 # first copy that creates its lock folder ({run}.lock) and skipped by the other. A copy that is killed leaves its
 # lock behind: remove the .lock folders before restarting (benchmark/tiny_table.sh lists them).
 # DRY_RUN=1 prints what would run, one line per job, done or not, and runs nothing: "run SCRIPT VARIANT CONCEPT SEED
-# FOLDER" (train + eval.py) or "once KIND OUTPUT" (benchmark/estimate_time.py reads these lines).
+# FOLDER" (train + eval.py) or "once KIND OUTPUT" (tests/test_benchmark.py reads these lines).
 
 run_and_eval() {
   local script=$1 out=$2 variant=$3 concept=$4 seed=$5
@@ -42,6 +42,6 @@ base_metrics() {  # base-model numbers per forget class: runs/bench/base/{concep
   run_once base-eval "$base/${concept// /_}.json" python eval.py tiny --forget_class "$concept" --output "$base/${concept// /_}.json"
 }
 
-table() {  # table FOLDER... [collect.py flags...]: the README's table (nothing under DRY_RUN)
+table() {  # table FOLDER... [collect.py flags...]: the results table (nothing under DRY_RUN)
   if [ -z "${DRY_RUN:-}" ]; then python benchmark/collect.py "$@"; fi
 }

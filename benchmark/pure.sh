@@ -1,14 +1,12 @@
 #!/bin/bash
-# PURE in the tiny world (issue 4): default flags on 3 classes x 3 seeds, the three ablations on church (seed 0 by
-# default; ABLATION_SEEDS="0 1 2" for all three), eval.py on every run, then the README's tables. Restartable:
+# PURE in the tiny world: default flags on 3 classes x 3 seeds, the three ablations on church (seed 0 by
+# default; ABLATION_SEEDS="0 1 2" for all three), eval.py on every run, then the tables. Restartable:
 # finished runs and evaluations are skipped, a stopped run resumes from its checkpoint.
-#   bash benchmark/pure.sh          (from the repository root; about an hour with one core, estimated from the README's runs)
+#   bash benchmark/pure.sh          (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
 OUT=${OUT:-runs/bench/pure}
-# The whole table's 3 classes (until --kl_t_sampling importance, PURE forgot garbage truck and parachute only in part,
-# and English springer and chain saw stood in for them: the README keeps those rows)
 CLASSES=("church" "garbage truck" "parachute")
 SEEDS=(0 1 2)
 read -r -a ABLATION_SEEDS <<< "${ABLATION_SEEDS:-0}"

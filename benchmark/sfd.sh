@@ -1,8 +1,8 @@
 #!/bin/bash
-# Score Forgetting Distillation in the tiny world (issue 6): the distilled base generator (data/tiny-sd-generator)
+# Score Forgetting Distillation in the tiny world: the distilled base generator (data/tiny-sd-generator)
 # written out as a run folder and evaluated per forget class (the base rows the bars compare with), then the default
 # flags on 3 classes x 3 seeds, eval.py on every run (it samples the one-step generator: args.json's sampler.t_init),
-# then the README's table. Restartable: finished runs and evaluations are skipped.
+# then the table. Restartable: finished runs and evaluations are skipped.
 #   bash benchmark/sfd.sh          (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."

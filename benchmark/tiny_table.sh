@@ -3,12 +3,11 @@
 # eval.py on every run, then one table with mean +- std, training wall time, step / UNet passes and peak memory
 # (benchmark/collect.py), and one row per run with its own times (--per_run). The methods: ESD (fdiv.py --anchor esd
 # --divergence mse), f-divergence with hellinger / mse / pearson_chi2, PURE, SFD, RL critic; each method script's
-# extra rows (ablations, the no-critic baseline, other anchors, variational JS) come along, as its section of the
-# README shows them. The base-model rows are eval.py on the base model (SFD: on its distilled generator).
+# extra rows (ablations, the no-critic baseline, other anchors, variational JS) come along (docs/results.md). The base-model rows are eval.py on the base model (SFD: on its distilled generator).
 #
 #   bash benchmark/tiny_table.sh                                  (from the repository root; one lane)
 #   bash benchmark/tiny_table.sh & bash benchmark/tiny_table.sh   (two lanes, one core each; see lib.sh's locks)
-#   DRY_RUN=1 bash benchmark/tiny_table.sh | python benchmark/estimate_time.py   (what would run, and how long)
+#   DRY_RUN=1 bash benchmark/tiny_table.sh                        (list the jobs, run nothing)
 #
 # Restartable: finished runs and evaluations are skipped, a stopped run resumes from its checkpoint. A lane that was
 # killed leaves {run}.lock folders behind; this script lists them at the end (remove them before restarting).

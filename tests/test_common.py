@@ -378,9 +378,32 @@ def test_sample_grid(tiny_model, tmp_path):
         tiny_model, [tiny_model.unet, tiny_model.unet], ["church", "tench"], str(tmp_path / "g.png"), n=2, steps=2
     )
     img = np.asarray(Image.open(tmp_path / "g.png"))
-    # 2 prompts x 2 images of 32 px per UNet, a 4 px white separator, upscaled 4x: (256, 4 * (64 + 4 + 64), 3)
-    assert img.shape == (256, 528, 3) and np.all(img[:, 256:272] == 255)
-    assert np.array_equal(img[:, :256], img[:, -256:])  # same UNet, same seeds: same images on both sides
+    # 2 prompts x 2 images of 32 px per UNet, a 4 px white separator, upscaled 4x: (256, 4 * (64 + 4 + 64), 3), below
+    # the header of column labels and right of the prompts' margin
+    grid = img[-256:, -528:]
+    assert np.all(grid[:, 256:272] == 255)
+    assert np.array_equal(grid[:, :256], grid[:, -256:])  # same UNet, same seeds: same images on both sides
+
+
+def test_sample_grid_labels_its_columns_and_rows(tiny_model, tmp_path):
+    """The grid grows by a header ("before" / "after" by default) and a left margin with each row's prompt; both hold
+    text (not only the white background), and other labels can be passed."""
+    from PIL import Image
+
+    args = (tiny_model, [tiny_model.unet, tiny_model.unet], ["an image of a church", "an image of a tench"])
+    common.sample_grid(*args, str(tmp_path / "g.png"), n=2, steps=2)
+    img = np.asarray(Image.open(tmp_path / "g.png"))
+    top, left = img.shape[0] - 256, img.shape[1] - 528  # the label areas around the (256, 528) image grid
+    assert top > 0 and left > 0
+    header, margin = img[:top, left:], img[top:, :left]
+    assert (header < 128).any() and (margin < 128).any()  # dark text on white
+    assert (img[:top, :left] == 255).all()  # the corner stays empty
+    before, after = header[:, :256], header[:, -256:]  # each label above its own UNet's images
+    assert (before < 128).any() and (after < 128).any() and not np.array_equal(before, after)
+    common.sample_grid(*args, str(tmp_path / "l.png"), n=2, steps=2, labels=["base", "unlearned"])
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "l.png"))[:top, left:], header)
+    with pytest.raises(common.UsageError, match="1 labels for 2 UNets"):
+        common.sample_grid(*args, str(tmp_path / "x.png"), n=1, steps=1, labels=["one"])
 
 
 def test_one_step_generator_is_the_schedulers_pred_original_sample(tiny_model):
