@@ -309,7 +309,7 @@ def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
 def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps("") + w (eps(c) - eps("")), one UNet call on the doubled batch. The UNet sees its
     own dtype (bf16 for a frozen model, fp32 for a trained one under autocast); the result and the guidance are fp32."""
-    dtype = unet.dtype
+    dtype = getattr(unet, "dtype", x.dtype)  # (a wrapper without .dtype gets the input as it is)
     if scale == 1.0:
         return unet(x.to(dtype), t, cond.to(dtype)).sample.float()
     t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
@@ -350,9 +350,10 @@ def ddim_step(
     `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob) with the
     log-density of x_prev summed over all but the batch dimension (DDPO's form; None when eta = 0). Always fp32.
     """
-    eps, x_t = eps.float(), x_t.float()  # all of the step in fp32: 0-d fp32 tensors would not promote a bf16 eps
-    prev = prev.float() if prev is not None else None
-    acp = scheduler.alphas_cumprod.float()
+    dt = torch.promote_types(torch.promote_types(eps.dtype, x_t.dtype), torch.float32)  # fp32 at least (fp64 stays)
+    eps, x_t = eps.to(dt), x_t.to(dt)  # all of the step in fp32: 0-d fp32 tensors would not promote a bf16 eps
+    prev = prev.to(dt) if prev is not None else None
+    acp = scheduler.alphas_cumprod.to(dt)
     t_prev = t - scheduler.config.num_train_timesteps // steps
     a_t = acp[t]
     final = torch.tensor(1.0) if scheduler.config.get("set_alpha_to_one", True) else acp[0]
@@ -365,7 +366,7 @@ def ddim_step(
     if eta == 0:
         return mean, None
     if prev is None:
-        noise = torch.randn(x_t.shape, generator=generator, device="cpu").to(x_t.device)
+        noise = torch.randn(x_t.shape, generator=generator, device="cpu").to(x_t.device, dt)
         prev = mean + std * noise
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return prev, log_prob.sum(dim=tuple(range(1, x_t.ndim)))
@@ -424,7 +425,8 @@ def one_step(model: Model, unet, cond: torch.Tensor, z: torch.Tensor, t_init: in
     was trained with guidance on its teacher."""
     t = torch.full((len(z),), int(t_init), device=z.device)
     x_init = model.scheduler.add_noise(torch.zeros_like(z), z, t)
-    eps = unet(x_init.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    dtype = getattr(unet, "dtype", x_init.dtype)
+    eps = unet(x_init.to(dtype), t, cond.to(dtype)).sample.float()
     return x0_from_eps(model.scheduler, x_init.float(), eps, t)
 
 
