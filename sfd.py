@@ -245,6 +245,11 @@ def load_generator(model, path: str | None):
     return unet
 
 
+def base_unet_fp32(model):
+    """The base UNet in fp32 as loaded from disk, frozen (common.trainable_unet without training)."""
+    return common.trainable_unet(model).eval().requires_grad_(False)
+
+
 def save_generator_tensors(unet, base, path: str) -> None:
     """The generator's tensors that differ from the base model's UNet, in fp16 (load_generator puts them back): the
     trained ones and those it started with from --init_generator."""
@@ -340,17 +345,13 @@ def main(args):
         + (f"; resuming at step {start}" if start else "")
     )
 
-    base_cache = []
-
-    def base_fp32():  # the base UNet in fp32, for the tensors the generator changed (loaded once, when first saving)
-        if not base_cache:
-            base_cache.append(teacher if teacher.dtype == torch.float32 else common.trainable_unet(model).eval())
-        return base_cache[0]
+    # The base UNet in fp32, against which generator.safetensors keeps the tensors that changed (not with full)
+    base = None if args.train_params == "full" else teacher if teacher.dtype == torch.float32 else base_unet_fp32(model)
 
     def save(step: int) -> None:
         common.save_unet(gen, os.path.join(run, "unet"))
         if args.train_params != "full":
-            save_generator_tensors(gen, base_fp32(), os.path.join(run, "generator.safetensors"))
+            save_generator_tensors(gen, base, os.path.join(run, "generator.safetensors"))
         common.save_checkpoint(run, step, modules, optimizers)
 
     def samples() -> None:
