@@ -392,10 +392,12 @@ def sample(
     generator=None,
     return_trajectory: bool = False,
     t_init: int | None = None,
+    run_till: int | None = None,
 ):
     """DDIM sampling from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
 
-    Returns x_0 latents, or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
+    Returns x_0 latents, or with `run_till` k the state x_{t_k} after the first k of the steps (ESD's partial
+    sampling), or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
     (T, N) (eta > 0), `timesteps` (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a
     one-step generator (SFD/SiD): `one_step` replaces the DDIM loop, and steps and guidance are not used.
     """
@@ -406,7 +408,7 @@ def sample(
     x = latents.float()  # the sampler's state and arithmetic stay fp32; the UNet sees its own dtype (cfg_eps)
     traj, logps = [x], []
     timesteps = ddim_timesteps(model.scheduler, steps)
-    for t in timesteps:
+    for t in timesteps[:run_till]:
         eps = cfg_eps(unet, x, torch.full((len(x),), t, device=x.device), cond, uncond, guidance)
         x, logp = ddim_step(model.scheduler, eps, t, x, steps, eta, generator)
         if return_trajectory:

@@ -58,6 +58,9 @@ ANCHORS = {
     "golf ball": ("ball", "French horn"),
     "parachute": ("kite", "garbage truck"),
 }
+# ESD's partial sampling (rohitgandikota/erasing, esd_sd.py): x_t is the frozen model's own sample of the concept after
+# a random number of its 50 steps at guidance 3, a fresh seed every iteration, one image per iteration.
+ESD_STEPS, ESD_GUIDANCE, ESD_BATCH = 50, 3.0, 1
 DIVERGENCES = ["mse", "hellinger", "pearson_chi2", "total_variation", "jensen_shannon", "kl", "reverse_kl"]
 
 
@@ -69,7 +72,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--steps", type=int, default=None, help="training steps, one update each (tiny 200, sd 500)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: tiny 1e-3, sd 2.8e-4)")
-    p.add_argument("--batch_size", type=int, default=None, help="anchor images per step (default: tiny 16, sd 4)")
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="images per step (default: tiny 16, sd 4; ESD's sampling 1)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds Python, numpy, torch and the cached sets")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="frozen models' dtype")
@@ -104,7 +109,17 @@ def parse_args(argv=None):
         help="anchor word replacing the concept in its prompts ('' = empty "
         "prompt), a whole prompt, or 'esd' (negatively guided target); default: a neighbour per concept",
     )
-    p.add_argument("--negative_guidance", type=float, default=1.0, help="eta of --anchor esd")
+    p.add_argument(
+        "--negative_guidance", type=float, default=2.0, help="eta of --anchor esd (2: esd_sd.py's default)"
+    )
+    p.add_argument(
+        "--esd_xt",
+        default="sample",
+        choices=["sample", "cached"],
+        help="--anchor esd's x_t: sample = ESD's own, the frozen model's partial DDIM sample of the concept (a random "
+        f"number of {ESD_STEPS} steps at guidance {ESD_GUIDANCE:g}, a fresh seed per step, batch {ESD_BATCH} unless "
+        "--batch_size); cached = one of the cached concept images noised to a random t (faster)",
+    )
     p.add_argument("--num_anchor_samples", type=int, default=50, help="anchor images generated once by the reference")
     p.add_argument(
         "--prior_loss_weight",
@@ -145,6 +160,8 @@ def parse_args(argv=None):
 
 
 def fill_world_defaults(args, world: str) -> None:
+    if args.batch_size is None and args.anchor == "esd" and args.esd_xt == "sample":
+        args.batch_size = ESD_BATCH
     for k, v in WORLD_DEFAULTS[world].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -312,12 +329,15 @@ def cached_sets(model, run: str, source: list[str], retain: list[str], args) -> 
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(run, "cached_sets.safetensors")
+    n_a = 0 if args.anchor == "esd" and args.esd_xt == "sample" else args.num_anchor_samples
     n_r = args.num_retain_samples if args.prior_loss_weight > 0 else 0
+    if not n_a + n_r:
+        return {}
     key = repr(
         dict(
             source=source,
             retain=retain,
-            n_a=args.num_anchor_samples,
+            n_a=n_a,
             n_r=n_r,
             seed=args.seed,
             steps=args.gen_steps,
@@ -329,18 +349,11 @@ def cached_sets(model, run: str, source: list[str], retain: list[str], args) -> 
         with open(path + ".json") as f:
             if f.read() == key:
                 return {k: v.to(model.device) for k, v in load_file(path).items()}
-    batch = 4 * args.batch_size
-    x_a, i_a = make_cached_set(
-        model,
-        source,
-        args.num_anchor_samples,
-        args.seed * 1_000_000,
-        args.gen_steps,
-        args.guidance,
-        batch,
-        "anchor set",
-    )
-    sets = dict(x_a=x_a, i_a=i_a)
+    batch, sets = 4 * args.batch_size, {}
+    if n_a:
+        sets["x_a"], sets["i_a"] = make_cached_set(
+            model, source, n_a, args.seed * 1_000_000, args.gen_steps, args.guidance, batch, "anchor set"
+        )
     if n_r:
         sets["x_r"], sets["i_r"] = make_cached_set(
             model, retain, n_r, args.seed * 1_000_000 + 500_000, args.gen_steps, args.guidance, batch, "retain set"
@@ -382,13 +395,17 @@ def main(args):
     start = 0
     if args.resume:
         start = common.load_checkpoint(run, modules, optimizers)["step"]
-    n_a, B = len(sets["x_a"]), args.batch_size
+    sampled = esd and args.esd_xt == "sample"  # ESD's own x_t, sampled every step
+    n_a, B = len(sets.get("x_a", [])), args.batch_size
+    esd_timesteps = common.ddim_timesteps(model.scheduler, ESD_STEPS)
     mode = "variational" if args.variational else "closed form"
     print(
         f"fdiv: {model.path} ({model.world}) on {model.device} {model.dtype}; concept {prompts['concept']!r} -> "
         f"{'ESD target, eta ' + str(args.negative_guidance) if esd else repr(anchors[0])}; {args.divergence} "
         f"({mode}); {sum(p.numel() for p in params) / 1e6:.3f}M trained parameters ({args.train_params}); "
-        f"{args.steps} steps, batch {B}, lr {args.lr}; {n_a} cached images; run {run}"
+        f"{args.steps} steps, batch {B}, lr {args.lr}; "
+        + (f"x_t sampled at guidance {ESD_GUIDANCE:g}" if sampled else f"{n_a} cached images")
+        + f"; run {run}"
         + (f"; resuming at step {start}" if start else "")
     )
 
@@ -414,17 +431,27 @@ def main(args):
     passes = [(unet, B, True), (model.unet, 2 * B if esd else B, False)]
     if args.prior_loss_weight > 0:
         passes.append((unet, B, True))
-    clock = common.UNetPassClock(model, {"step": passes}, args.steps - start)
+    pass_sets = {"step": passes, "sample": [(model.unet, 2 * B, False)]} if sampled else {"step": passes}
+    clock = common.UNetPassClock(model, pass_sets, args.steps - start)
 
     # ALGO LOGIC: the training loop
-    step_time, window, train_time = 0.0, 0, 0.0
+    step_time, window, train_time, n_sampled = 0.0, 0, 0.0, 0
     for step in tqdm(range(start, args.steps), desc="fdiv", initial=start, total=args.steps):
         t0 = time.perf_counter()
-        j = torch.randint(n_a, (B,))
-        x0, k = sets["x_a"][j], sets["i_a"][j]  # (B, 4, h, w) clean latents and their prompt index
-        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (B,)).to(model.device)
-        eps = torch.randn(x0.shape).to(model.device)
-        x_t = model.scheduler.add_noise(x0, eps, t)
+        if sampled:  # esd_sd.py: x_t = the frozen model's sample of the concept after run_till of its 50 steps
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # a fresh seed per step, resumable
+            k = torch.randint(len(states_f), (B,), generator=gen)
+            run_till = int(torch.randint(ESD_STEPS, (), generator=gen))
+            z_T = torch.randn(B, *model.latent_shape, generator=gen).to(model.device)
+            with torch.no_grad(), common.autocast(model.device, model.dtype):
+                x_t = common.sample(model, states_f[k], z_T, ESD_STEPS, ESD_GUIDANCE, run_till=run_till)
+            t = torch.full((B,), esd_timesteps[run_till], device=model.device)
+            n_sampled += run_till
+        else:
+            j = torch.randint(n_a, (B,))
+            x0, k = sets["x_a"][j], sets["i_a"][j]  # (B, 4, h, w) clean latents and their prompt index
+            t = torch.randint(0, model.scheduler.config.num_train_timesteps, (B,)).to(model.device)
+            x_t = model.scheduler.add_noise(x0, torch.randn(x0.shape).to(model.device), t)
         c_f, c_a, c_e = states_f[k], states_a[k], state_e.expand(B, -1, -1)
         with common.autocast(model.device, model.dtype):
             target = fdiv_targets(model.unet, x_t.to(model.dtype), t, c_a, c_f, c_e, args)  # (B, 4, h, w)
@@ -448,7 +475,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             if args.prior_loss_weight > 0:  # prior preservation: denoise retain images, with gradient surgery
                 jr = torch.randint(len(sets["x_r"]), (B,))
-                xr, epsr = sets["x_r"][jr], torch.randn(x0.shape).to(model.device)
+                xr, epsr = sets["x_r"][jr], torch.randn(x_t.shape).to(model.device)
                 with common.autocast(model.device, model.dtype):
                     pred_r = unet(model.scheduler.add_noise(xr, epsr, t), t, states_r[sets["i_r"][jr]].float()).sample
                 loss_prior = (pred_r.float() - epsr).pow(2).mean()
@@ -480,7 +507,7 @@ def main(args):
     samples()
 
     # PLUMBING: timing summary. Efficiency = time per step / time of the UNet passes a step needs (the clock above).
-    unet_time = (args.steps - start) * clock.seconds("step")
+    unet_time = (args.steps - start) * clock.seconds("step") + (n_sampled * clock.seconds("sample") if sampled else 0)
     summary = dict(
         wall_seconds=time.perf_counter() - t_start,
         cached_sets_seconds=t_sets,

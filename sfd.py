@@ -318,7 +318,8 @@ def main(args):
     gen = load_generator(model, args.init_generator)
     if args.gradient_checkpointing:
         gen.enable_gradient_checkpointing()
-    init_gen = load_generator(model, args.init_generator).to(model.dtype).eval().requires_grad_(False)  # samples.png
+    init_gen = load_generator(model, args.init_generator)  # samples.png; Module.to: diffusers' .to() would warn
+    init_gen = torch.nn.Module.to(init_gen, model.dtype).eval().requires_grad_(False)
     params = select_generator_params(gen, args.train_params)
     opt_g = torch.optim.Adam(params, lr=args.lr, betas=(0.0, 0.999))  # official betas: no momentum
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.fake_lr, betas=(0.0, 0.999))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # PURE in the tiny world: default flags on 3 classes x 3 seeds, the three ablations on church (seed 0 by
-# default; ABLATION_SEEDS="0 1 2" for all three), eval.py on every run, then the tables. Restartable:
+# default; ABLATION_SEEDS="0 1 2" for all three, as tiny_table.sh does), eval.py on every run, then the tables. Restartable:
 # finished runs and evaluations are skipped, a stopped run resumes from its checkpoint.
 #   bash benchmark/pure.sh          (from the repository root)
 set -euo pipefail

@@ -2,11 +2,13 @@
 # The whole tiny-world table in one command: every method x 3 classes (church, garbage truck, parachute) x 3 seeds,
 # eval.py on every run, then one table with mean +- std, training wall time, step / UNet passes and peak memory
 # (benchmark/collect.py), and one row per run with its own times (--per_run). The methods: ESD (fdiv.py --anchor esd
-# --divergence mse), f-divergence with hellinger / mse / pearson_chi2, PURE, SFD, RL critic; each method script's
-# extra rows (ablations, the no-critic baseline, other anchors, variational JS) come along (docs/results.md). The base-model rows are eval.py on the base model (SFD: on its distilled generator).
+# --divergence mse) beside the official esd_sd.py, f-divergence (hellinger), PURE, SFD, RL critic; each method
+# script's extra rows (ablations, the no-critic baseline, the other divergences) come along (docs/results.md). The
+# base-model rows are eval.py on the base model (SFD: on its distilled generator).
 #
-#   bash benchmark/tiny_table.sh                                  (from the repository root; one lane)
-#   bash benchmark/tiny_table.sh & bash benchmark/tiny_table.sh   (two lanes, one core each; see lib.sh's locks)
+#   bash benchmark/tiny_table.sh PATH/TO/erasing                  (from the repository root; one lane; the path is a
+#                                                                  clone of rohitgandikota/erasing, esd_official.sh)
+#   bash benchmark/tiny_table.sh P & bash benchmark/tiny_table.sh P  (two lanes, one core each; see lib.sh's locks)
 #   DRY_RUN=1 bash benchmark/tiny_table.sh                        (list the jobs, run nothing)
 #
 # Restartable: finished runs and evaluations are skipped, a stopped run resumes from its checkpoint. A lane that was
@@ -19,14 +21,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ROOT_OUT=${OUT_ROOT:-runs/bench}
 export BASE=$ROOT_OUT/base
 
+OUT=$ROOT_OUT/esd bash benchmark/esd_official.sh "${1:-}"
 OUT=$ROOT_OUT/fdiv bash benchmark/fdiv.sh
-OUT=$ROOT_OUT/pure bash benchmark/pure.sh
+OUT=$ROOT_OUT/pure ABLATION_SEEDS=${ABLATION_SEEDS:-"0 1 2"} bash benchmark/pure.sh
 OUT=$ROOT_OUT/sfd SFD_BASE=$ROOT_OUT/sfd_base bash benchmark/sfd.sh
 OUT=$ROOT_OUT/rl_critic bash benchmark/rl_critic.sh
 [ -n "${DRY_RUN:-}" ] && exit 0
 
-folders=("$ROOT_OUT/fdiv" "$ROOT_OUT/pure" "$ROOT_OUT/sfd" "$ROOT_OUT/rl_critic")
-bases=("$BASE" "$BASE" "$ROOT_OUT/sfd_base" "$BASE")
+folders=("$ROOT_OUT/esd" "$ROOT_OUT/fdiv" "$ROOT_OUT/pure" "$ROOT_OUT/sfd" "$ROOT_OUT/rl_critic")
+bases=("$BASE" "$BASE" "$BASE" "$ROOT_OUT/sfd_base" "$BASE")
 python benchmark/collect.py "${folders[@]}" --base "${bases[@]}" > "$ROOT_OUT/tiny_table.md.tmp"
 mv "$ROOT_OUT/tiny_table.md.tmp" "$ROOT_OUT/tiny_table.md"
 python benchmark/collect.py "${folders[@]}" --per_run > "$ROOT_OUT/tiny_table_per_run.md.tmp"

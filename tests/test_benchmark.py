@@ -116,8 +116,11 @@ def test_tiny_table_covers_every_method_x_3_classes_x_3_seeds():
             assert (variant, concept, seed) == (j[2], j[3], f"s{j[4]}")
             grid.setdefault(variant, set()).add((concept, seed))
     full = {(c, f"s{s}") for c in ("church", "garbage_truck", "parachute") for s in range(3)}
-    for variant in ("esd", "fdiv-hellinger", "fdiv-mse", "fdiv-pearson_chi2", "pure", "sfd", "rl_critic"):
+    for variant in ("esd", "esd_official", "fdiv-hellinger", "pure", "sfd", "rl_critic"):
         assert grid[variant] == full, variant
+    for variant in ("fdiv-mse", "fdiv-pearson_chi2", "pure-ga", "pure-norepair", "pure-nokl"):
+        assert ("church", "s0") in grid[variant], variant
+    assert {s for c, s in grid["pure-ga"]} == {"s0", "s1", "s2"}  # PURE's ablations on 3 seeds
     once = [j[1] for j in jobs if j[0] == "once"]
     assert len(set(j[2] for j in jobs if j[0] == "once" and j[1] == "base-eval")) == 3
     assert once.count("sfd-base-eval") == 3 and "sfd-base-generator" in once
