@@ -109,9 +109,7 @@ def parse_args(argv=None):
         help="anchor word replacing the concept in its prompts ('' = empty "
         "prompt), a whole prompt, or 'esd' (negatively guided target); default: a neighbour per concept",
     )
-    p.add_argument(
-        "--negative_guidance", type=float, default=2.0, help="eta of --anchor esd (2: esd_sd.py's default)"
-    )
+    p.add_argument("--negative_guidance", type=float, default=2.0, help="eta of --anchor esd (2: esd_sd.py's default)")
     p.add_argument(
         "--esd_xt",
         default="sample",
