@@ -5,19 +5,19 @@ official code nicolaNovello/f-DMU (read, not copied). Built on Concept Ablation 
 
 Idea. Prompted with the concept, the trained model must act like the frozen model prompted with an anchor, on the
 same noisy latent: min D_f( p_ref(x_{t-1} | x_t, c_a) || p_theta(x_{t-1} | x_t, c_f) ). The two reverse kernels are
-Gaussians of equal variance, so with m = mean_{C,H,W} (eps_ref(x_t, c_a, t) - eps_theta(x_t, c_f, t))^2 (target
-detached) each divergence is a function of m, and f sets how hard large errors push (--divergence, --sigma):
+Gaussians of equal variance, so with m = sum_C mean_{H,W} (eps_ref(x_t, c_a, t) - eps_theta(x_t, c_f, t))^2 (target
+detached; the official normalisation) each divergence is a function of m, and f sets how hard errors push:
 
     mse m (= kl up to scale),  hellinger -exp(-m / (8 sigma^2)),  pearson_chi2 exp(m / sigma^2),
     total_variation 2 Phi(sqrt(m) / (2 sigma)) - 1;  --variational: any f (jensen_shannon too) by the f-GAN bound
 
 --anchor esd makes the target ESD's negatively guided reference eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) -
-eps_ref(x_t, "")) (Gandikota et al., arXiv 2303.07345; eta = --negative_guidance): with --divergence mse, ESD.
-Deviations: x_t is a cached image of the concept (50, made once by the reference) noised to a random t, not ESD's
-partial sampling at every step; the default anchor is a neighbour word per class (SD: church -> "building"; tiny:
-another class, church -> "gas pump", as its vocabulary has only the dataset's words); only cross-attention to_k/to_v
-trains (--train_params xattn-kv, as the official code), ESD included (ESD-u: --train_params noxattn). With sigma 1,
-the official value, m stays below 0.005 on the tiny world, so the closed forms train nearly the same model.
+eps_ref(x_t, "")) at ESD's own x_t, a partial sample of the concept (Gandikota et al., arXiv 2303.07345; official
+esd_sd.py): with --divergence mse, ESD. Deviations:
+- the default anchor is a neighbour word per class (SD: church -> "building"; tiny: church -> "gas pump");
+- only cross-attention to_k/to_v trains (xattn-kv, as the official code), ESD too (ESD-u: --train_params noxattn);
+- ESD: x_t by DDIM from the forget prompts (esd_sd.py: its pipeline's scheduler, the bare concept); AdamW wd 1e-2.
+With sigma 1, the official value, m / sigma^2 is small on the tiny world: the closed forms train nearly the same model.
 
 SD:   python fdiv.py --model CompVis/stable-diffusion-v1-4 --concept church
       (time/memory: README, "Stable Diffusion cost")
@@ -43,9 +43,8 @@ WORLD_DEFAULTS = {
     # x accumulation 2 = 4 images per update, here one batch of 4.
     "sd": dict(steps=500, lr=2.8e-4, batch_size=4, gen_steps=50, gradient_checkpointing=True),
 }
-# Per Imagenette class: (SD anchor word, tiny-world anchor word). Tiny world: another class; for garbage truck
-# cassette player, picked from 8 anchors by a sweep (README): the first choice, gas pump, cost tench, chain saw and
-# cassette player 6-12 points each.
+# Per Imagenette class: (SD anchor word, tiny-world anchor word: another class, as the tiny vocabulary has only the
+# dataset's words; garbage truck -> cassette player, as gas pump cost three other classes 6-12 points each).
 ANCHORS = {
     "tench": ("fish", "English springer"),
     "English springer": ("dog", "tench"),

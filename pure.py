@@ -1,8 +1,8 @@
 """PURE: repair-aware forgetting with a negative-only preference loss, a KL trust region and forget/repair cycles.
 
 Paper: "Repair Aware Forgetting: An Iterative Approach to Unlearning in T2I Diffusion Models", ICLR 2026 submission
-5936 (OpenReview BRJserk9XM). Only the abstract is public and there is no code: this is a reconstruction from
-Diffusion-DPO and NPO.
+5936 (OpenReview BRJserk9XM); not arXiv 2605.25765 (Projection in U-Net Rendering for Erasure). Only the abstract is
+public and there is no code: a reconstruction from Diffusion-DPO and NPO.
 
 Idea. Images of the concept, generated once by the frozen reference, are the losing side of a preference pair with no
 winner: raise the trained model's denoising error on them relative to the reference, with a weight that saturates
@@ -14,10 +14,10 @@ mean_{C,H,W} ||eps - eps_theta(x_t, c, t)||^2 and Delta = l(theta; x_f, c_f) - l
 
 Cycles of --forget_steps_per_cycle (10) forget updates, L_F + --kl_weight (30) L_KL, then --repair_steps_per_cycle
 (5) repair updates, L_KL; --steps (100) counts forget updates, the paper's "100 steps".
-Choices the abstract leaves open: w(t) is the KL weight of the DDPM reverse kernels, mean 1 (--kl_weighting true), with
-t drawn in proportion to w(t) (--kl_t_sampling importance); only cross-attention to_k/to_v trains (--train_params
-xattn-kv); beta 10 (tiny) / 500 (SD, DUO's value); 50 forget images (--num_forget_samples). Ablations: --forget_loss ga
-(plain gradient ascent), --kl_weight 0, --repair_steps_per_cycle 0.
+Deviations (choices the abstract leaves open):
+- w(t) = the KL weight of the DDPM reverse kernels, mean 1, t drawn in proportion to it (--kl_t_sampling importance);
+- only cross-attention to_k/to_v trains; beta 10 (tiny) / 500 (SD, DUO's value); 50 forget images.
+Ablations: --forget_loss ga (-Delta/2, NPO's beta -> 0 limit), --kl_weight 0, --repair_steps_per_cycle 0.
 
 SD:   python pure.py --model CompVis/stable-diffusion-v1-4 --concept church
       (time/memory: README, "Stable Diffusion cost")

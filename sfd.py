@@ -12,12 +12,13 @@ minimises Score identity Distillation's loss, and forgetting is one substitution
     L_SiD = (y_real - y_fake) . ((y_real - x_g) - alpha (y_real - y_fake)) / mean|x_g - y_real|
     L     = b_r L_SiD(G(z, c_r); c_r, c_r) + b_f L_SiD(G(z, c_f); c_fake = c_f, c_real = c_o)
 
-Official settings kept: kappa 4.5 guidance, alpha 1, b_r = b_f = 1, Adam betas (0, 0.999), 10% prompt dropout in the
-fake score's loss, no real data. Deviations: tiny world lr 3e-4 for both networks, batch 8 + 8, 100 iterations, only
-the generator's cross-attention to_k/to_v trained (SD: the official lr 1e-6 / 3e-6 and the whole generator); override
-= a neighbour (SD: church -> "building"; tiny: church -> "gas pump"). The generator starts from a distilled one-step
-generator as in the paper: data/tiny-sd-generator in the tiny world (made with --concept none, plain SiD); no SD-1.4
-one is public, so on SD pass --init_generator (without it the run starts from the teacher and is a whole distillation).
+Official settings kept: kappa 4.5, alpha 1, b_r = b_f = 1, Adam betas (0, 0.999), 10% prompt dropout in the fake
+score's loss, no real data, a distilled one-step generator to start from (tiny: data/tiny-sd-generator); nudity as
+the official run (12 subjects x 27 NSFW keywords, the subject as override, the keywords as negative prompt).
+Deviations:
+- tiny world: lr 3e-4 for both networks, batch 8 + 8, 100 iterations, only the generator's to_k/to_v;
+- override = a neighbour word (SD: church -> "building"; tiny: church -> "gas pump");
+- SD: no distilled SD-1.4 generator is public: pass --init_generator (else the run starts from the teacher).
 
 SD:   python sfd.py --model CompVis/stable-diffusion-v1-4 --concept church
       (time/memory: README, "Stable Diffusion cost")
@@ -26,7 +27,6 @@ Tiny: python sfd.py --concept church  (71-110 s on one CPU thread, peak memory 1
 
 import argparse
 import os
-import re
 import time
 
 import torch
@@ -53,8 +53,16 @@ OVERRIDES = {
     "golf ball": ("ball", "French horn"),
     "parachute": ("kite", "garbage truck"),
 }
-# Words removed from a nudity prompt to leave its subject ("a nude woman on a bed" -> "a woman on a bed").
-NUDITY_WORDS = re.compile(r"\b(naked|nude|nudity|nudist|topless|erotic|sexy|undressing|with no clothes on)\b")
+# Nudity as the official run (tqch/score-forgetting-distillation, SD/README.md "Nudity Forgetting"): a forget prompt is
+# a subject (SD/prompts/12_subjects.txt) with an NSFW keyword (nsfw_keywords.txt), "kw subject" or "subject, kw" with
+# probability 1/2 each (training/dataset.py); its teacher prompt is the bare subject; and the CFG's unconditional
+# prompt of forget samples is the keywords joined (nsfw_prompt.txt) in the fake score's loss, y_fake and y_real.
+NUDITY_SUBJECTS = "Boy|Girl|Man|Woman|Couple|Person|people|Figure|Body|Human Form|Portrait|Silhouette".split("|")
+NUDITY_KEYWORDS = (
+    "nudity|sexual|explicit|pornography|erotic|inappropriate|indecent|suggestive|revealing|topless|bottomless|"
+    "adult content|NSFW|lingerie|bikini|underwear|provocative|seductive|skimpy|swimsuit|lewd|intimate|mature themes|"
+    "improper clothing|overexposure|objectification|private setting"
+).split("|")
 # `--train_params up`: the output side of the UNet and the time embedding (1.27M of tiny-sd's 3.98M parameters, so
 # that the distilled tiny generator can be committed as 2.5 MB of fp16 tensors over tiny-sd's UNet).
 UP_PREFIXES = (
@@ -188,12 +196,17 @@ def generator_loss(model, teacher, fake, x_g, t, noise, c_real, c_fake, uncond, 
 
 
 # PLUMBING: prompts, parameters, the generator's weights
+def nudity_prompts() -> tuple[list[str], list[str]]:
+    """Every forget prompt of the official nudity run (both word orders, so a uniform draw from the list is the
+    official draw) and its teacher prompt, the bare subject."""
+    pairs = [(f"{k} {s}", s) for s in NUDITY_SUBJECTS for k in NUDITY_KEYWORDS]
+    pairs += [(f"{s}, {k}", s) for s in NUDITY_SUBJECTS for k in NUDITY_KEYWORDS]
+    return [f for f, _ in pairs], [o for _, o in pairs]
+
+
 def override_prompts(prompts: dict, override: str | None, world: str) -> list[str]:
     """The teacher's prompt for each forget prompt: the concept replaced by the override word (a class's neighbour or
-    superclass), the subject alone for nudity, or `override` itself when it is a whole prompt."""
-    if prompts["kind"] == "nudity" and override is None:
-        subjects = [" ".join(NUDITY_WORDS.sub("", p).split()) for p in prompts["forget"]]
-        return [re.sub(r"\ban (?=[^aeiou])", "a ", s) if s else "a person" for s in subjects]
+    superclass), or `override` itself when it is a whole prompt."""
     if override is None:
         override = OVERRIDES[prompts["concept"]][0 if world == "sd" else 1] if prompts["kind"] == "class" else ""
     concept = prompts["concept"]
@@ -299,7 +312,10 @@ def main(args):
             args.init_generator = TINY_GENERATOR
         else:
             print("sfd: no distilled tiny generator (data/tiny-sd-generator) for this model: starting from the teacher")
-    overrides = override_prompts(prompts, args.override_prompt, model.world) if prompts["forget"] else []
+    if prompts["kind"] == "nudity" and args.override_prompt is None:
+        prompts["forget"], overrides = nudity_prompts()
+    else:
+        overrides = override_prompts(prompts, args.override_prompt, model.world) if prompts["forget"] else []
     run = common.init_run(
         args,
         "sfd",
@@ -333,6 +349,11 @@ def main(args):
     state_e = common.encode_prompts(model, [""]).float()  # (1, L, D)
     B = args.batch_size
     n_f = B if prompts["forget"] else 0
+    # The CFG's unconditional prompt per row: "", or for nudity's forget rows the official negative prompt
+    uncond = state_e.expand(B + n_f, -1, -1)
+    if prompts["kind"] == "nudity":
+        negative = common.encode_prompts(model, [", ".join(NUDITY_KEYWORDS)]).float()
+        uncond = torch.cat([state_e.expand(B, -1, -1), negative.expand(n_f, -1, -1)])
     print(
         f"sfd: {model.path} ({model.world}) on {model.device} {model.dtype}; "
         + (
@@ -391,6 +412,7 @@ def main(args):
         # training_loop.py), so the fake score learns the generator's unconditional samples under ""
         drop = (torch.rand(n) < args.prompt_dropout).to(model.device)
         c_train = torch.where(drop[:, None, None], state_e.expand(n, -1, -1), c_fake)
+        u_train = torch.where(drop[:, None, None], state_e.expand(n, -1, -1), uncond)  # dropped: "" and "" (official)
         z = torch.randn(n, *shape).to(model.device)
         with torch.no_grad(), common.autocast(model.device, model.dtype):
             x_g = common.one_step(model, gen, c_train, z, args.t_init).float()  # (n, 4, h, w), no generator gradient
@@ -398,9 +420,7 @@ def main(args):
         noise = torch.randn(n, *shape).to(model.device)
         fake.requires_grad_(True)
         with common.autocast(model.device, model.dtype):
-            per_sample = fake_score_loss(
-                model, fake, x_g, t, noise, c_train, state_e.expand(n, -1, -1), args.kappa_fake_train
-            )
+            per_sample = fake_score_loss(model, fake, x_g, t, noise, c_train, u_train, args.kappa_fake_train)
         loss_f = (coef * per_sample).mean()
         common.check_finite(loss_f, step + 1)
         opt_f.zero_grad(set_to_none=True)
@@ -415,9 +435,7 @@ def main(args):
         noise = torch.randn(n, *shape).to(model.device)
         with common.autocast(model.device, model.dtype):
             x_g = common.one_step(model, gen, c_fake, z, args.t_init).float()  # gradient flows into the generator
-            per_sample = generator_loss(
-                model, teacher, fake, x_g, t, noise, c_real, c_fake, state_e.expand(n, -1, -1), args
-            )
+            per_sample = generator_loss(model, teacher, fake, x_g, t, noise, c_real, c_fake, uncond, args)
         loss_g = (coef * per_sample).mean()
         common.check_finite(loss_g, step + 1)
         opt_g.zero_grad(set_to_none=True)

@@ -87,9 +87,6 @@ def test_forgetting_term_asks_the_teacher_about_the_override_and_the_fake_score_
         "an image of a building"
     ]
     assert sfd.override_prompts(prompts, "a photo of a red barn", "sd") == ["a photo of a red barn"]
-    nudity = sfd.override_prompts(common.concept_prompts("nudity"), None, "sd")
-    assert "a woman" in nudity and "a man on the beach" in nudity
-    assert not any(w in p for p in nudity for w in ("nude", "naked"))
     c_f, c_o = common.encode_prompts(tiny_model, prompts["forget"]), common.encode_prompts(tiny_model, overrides)
     c_e = common.encode_prompts(tiny_model, [""])
     teacher, fake = Recorder(tiny_model.unet), Recorder(sfd.load_generator(tiny_model, None))
@@ -106,6 +103,30 @@ def test_forgetting_term_asks_the_teacher_about_the_override_and_the_fake_score_
 
 
 # ---------------------------------------------------------------- runs, eval.py, resume, errors
+
+
+def test_nudity_is_the_official_subjects_with_nsfw_keywords_and_their_negative_prompt(tiny_sd, tmp_path, monkeypatch):
+    """The official nudity run: 12 subjects x 27 keywords in both word orders, the bare subject for the teacher, and
+    the joined keywords as the unconditional prompt of the forget rows (the retain rows keep "")."""
+    forget, overrides = sfd.nudity_prompts()
+    assert len(forget) == 2 * 12 * 27 and len(set(forget)) == len(forget)
+    assert "lingerie Woman" in forget and "Woman, lingerie" in forget and "Human Form, adult content" in forget
+    assert all(o in f and o in sfd.NUDITY_SUBJECTS for f, o in zip(forget, overrides))
+    seen = []
+    real = sfd.generator_loss
+    monkeypatch.setattr(sfd, "generator_loss", lambda *a: seen.append(a[8]) or real(*a))
+    run = sfd.main(
+        sfd.parse_args(
+            ["--model", tiny_sd, "--concept", "nudity", "--steps", "1", "--out_dir", str(tmp_path / "run"), *FAST]
+        )
+    )
+    model = common.load_model(tiny_sd, device="cpu")
+    negative = common.encode_prompts(model, [", ".join(sfd.NUDITY_KEYWORDS)])[0]
+    empty = common.encode_prompts(model, [""])[0]
+    (uncond,) = seen
+    assert len(uncond) == 4 and all(torch.equal(u, empty) for u in uncond[:2])
+    assert all(torch.equal(u, negative) for u in uncond[2:])
+    assert json.loads(open(os.path.join(run, "args.json")).read())["override_prompts"][0] in sfd.NUDITY_SUBJECTS
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
