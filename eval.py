@@ -71,40 +71,21 @@ TINY_FID = "clean-fid (mode=clean) with tiny-clip vision features (not Inception
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="image folders, run folders (args.json + unet/), or models (tiny, a hub id, a model folder)",
-    )
-    p.add_argument(
-        "--forget_class",
-        default=None,
-        help="class whose images give UA (the others give RA); default: "
-        "a run's --concept when it is an Imagenette class",
-    )
-    p.add_argument(
-        "--reference",
-        default=None,
-        help="FID/KID reference image folder; default in the tiny world: "
-        "real Pictonette images, written once into runs/reference/",
-    )
-    p.add_argument(
-        "--metrics", nargs="+", choices=METRICS, default=None, help="metrics to compute (default: all that apply)"
-    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image folders, run folders (args.json + unet/), or models")
+    p.add_argument("--forget_class", help="class whose images give UA (default: a run's --concept when a class)")
+    p.add_argument("--reference", help="FID/KID reference folder (tiny default: real Pictonette, in runs/reference/)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, help="metrics to compute (default: all that apply)")
     p.add_argument(
         "--n_per_class",
         type=int,
-        default=None,
-        help="images per prompt row generated for a run folder "
-        "(default 50 tiny, 100 SD); also images per class of the default reference (default: the folder's)",
+        help="images per prompt row made for a run folder (tiny 50, SD 100) and per class of the default reference",
     )
     p.add_argument(
         "--batch_size",
         type=int,
         default=64,
-        help="images per batch for the judge, CLIP and FID features "
-        "(generation keeps common.generate's fixed batches, which the images depend on)",
+        help="images per batch of the judge, CLIP and FID features (generation "
+        "keeps common.generate's fixed batches, which the images depend on)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
@@ -114,16 +95,9 @@ def parse_args(argv=None):
         help="which judge, CLIP and FID features: auto = the run's world, else images under 256 px -> tiny",
     )
     p.add_argument(
-        "--prompts",
-        default=os.path.join(common.PROMPTS_DIR, "imagenette.csv"),
-        help="prompt file a run folder's images are generated from",
+        "--prompts", default=os.path.join(common.PROMPTS_DIR, "imagenette.csv"), help="prompt file of a run's images"
     )
-    p.add_argument(
-        "--output",
-        default=None,
-        help="write metrics.json to this file instead of PATH/metrics.json "
-        "(one PATH only; e.g. base-model numbers per forget class)",
-    )
+    p.add_argument("--output", help="metrics.json to this file, not PATH/metrics.json (one PATH only)")
     args = p.parse_args(argv)
     if args.output is not None and len(args.paths) != 1:
         p.error(f"--output takes one PATH, got {len(args.paths)}")
