@@ -37,6 +37,7 @@ import common
 # Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
 WORLD_DEFAULTS = {
     "tiny": dict(lr=1e-3, batch_size=16, beta=10.0, gen_steps=25, num_retain_samples=90, gradient_checkpointing=False),
+    # SD: no official code; beta 500 is DUO's value for SD-1.4 (Park et al. 2024); lr, batch and counts are ours
     "sd": dict(lr=1e-5, batch_size=4, beta=500.0, gen_steps=50, num_retain_samples=50, gradient_checkpointing=True),
 }
 

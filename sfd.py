@@ -38,6 +38,7 @@ TINY_GENERATOR = os.path.join(common.ROOT, "data", "tiny-sd-generator")
 # Defaults that differ between the worlds, chosen from the loaded model; an explicit flag always wins.
 WORLD_DEFAULTS = {
     "tiny": dict(lr=3e-4, fake_lr=3e-4, batch_size=8, train_params="xattn-kv", gradient_checkpointing=False),
+    # SD: the official SD/README.md's runs, G_LEARNING_RATE=1e-6, SG_LEARNING_RATE=3e-6, BATCH_SIZE=8, whole UNet
     "sd": dict(lr=1e-6, fake_lr=3e-6, batch_size=8, train_params="full", gradient_checkpointing=True),
 }
 # Per Imagenette class: (SD override word, tiny-world override word).
