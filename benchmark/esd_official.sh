@@ -1,8 +1,9 @@
 #!/bin/bash
 # The official ESD script (rohitgandikota/erasing, esd_sd.py) beside this repository's ESD (fdiv.py --anchor esd
 # --divergence mse) on the tiny world: the same lr (1e-3), iterations (200), parameters (cross-attention to_k/to_v:
-# esd-x-strict), negative guidance (2) and partial sampling (50 steps at guidance 3, batch 1); 3 classes x 3 seeds,
-# eval.py on every run, then one table with both rows and their training times.
+# esd-x-strict), negative guidance (2), partial sampling (50 steps at guidance 3, batch 1) and prompt ("an image of a
+# church"; also the bare class name, "church", as a new user of esd_sd.py might type); 3 classes x 3 seeds, eval.py
+# on every run, then one table with the rows and their training times.
 #   bash benchmark/esd_official.sh PATH/TO/erasing      (a clone of github.com/rohitgandikota/erasing; nothing is
 #                                                        fetched at run time)
 # The official file is copied to a temporary folder and patched only where it is hard-coded for SD on a GPU: the
@@ -23,10 +24,11 @@ CLASSES=("church" "garbage truck" "parachute")
 SEEDS=(0 1 2)
 ROOT=$(pwd)
 
-official_run() {  # official_run CONCEPT SEED: the patched esd_sd.py, then its parameters as a run folder
-  local concept=$1 seed=$2 run="$OUT/esd_official__${1// /_}__s$2"
-  if [ -n "${DRY_RUN:-}" ]; then echo "run esd_official esd_official ${concept// /_} $seed $run"; return 0; fi
+official_run() {  # official_run VARIANT CONCEPT SEED PROMPT ("": our forget prompt): esd_sd.py, then a run folder
+  local variant=$1 concept=$2 seed=$3 prompt=$4 run="$OUT/$1__${2// /_}__s$3"
+  if [ -n "${DRY_RUN:-}" ]; then echo "run esd_official $variant ${concept// /_} $seed $run"; return 0; fi
   [ -f "$run/metrics.json" ] && return 0
+  [ -n "$prompt" ] || prompt=$(python -c "import common, sys; print(common.concept_prompts(sys.argv[1])['forget'][0])" "$concept")
   mkdir -p "$OUT"
   mkdir "$run.lock" 2>/dev/null || return 0
   if [ ! -f "$run/summary.json" ]; then
@@ -43,14 +45,14 @@ official_run() {  # official_run CONCEPT SEED: the patched esd_sd.py, then its p
     done
     local t0 t1
     t0=$(date +%s.%N)
-    (cd "$work" && /usr/bin/time -f "%e s wall, %M KB max RSS" -o time.txt python esd_sd.py --erase_concept "$concept" \
+    (cd "$work" && /usr/bin/time -f "%e s wall, %M KB max RSS" -o time.txt python esd_sd.py --erase_concept "$prompt" \
       --train_method esd-x-strict --lr 1e-3 --iterations 200 --device cpu --save_path out)
     t1=$(date +%s.%N)
-    python - "$work" "$run" "$concept" "$seed" "$t0" "$t1" <<'EOF'
+    python - "$work" "$run" "$concept" "$seed" "$t0" "$t1" "$prompt" <<'EOF'
 import glob, json, os, sys
 from safetensors.torch import load_file
 import common
-work, run, concept, seed, t0, t1 = sys.argv[1:]
+work, run, concept, seed, t0, t1, prompt = sys.argv[1:]
 trained = load_file(glob.glob(f"{work}/out/*.safetensors")[0])
 model = common.load_model("tiny", "cpu", "fp32")
 unet = common.trainable_unet(model)
@@ -60,9 +62,9 @@ unet.load_state_dict(trained, strict=False)
 os.makedirs(run, exist_ok=True)
 common.save_unet(unet, os.path.join(run, "unet"))
 rss_kb = int(open(f"{work}/time.txt").read().split(",")[1].split()[0])
-record = dict(method="esd_official", args=dict(concept=concept, seed=int(seed), lr=1e-3, steps=200,
+record = dict(method="esd_official", args=dict(concept=concept, seed=int(seed), lr=1e-3, steps=200, prompt=prompt,
               train_method="esd-x-strict", negative_guidance=2.0), base_model="tiny", world="tiny",
-              command=f"esd_sd.py --erase_concept {concept!r} --train_method esd-x-strict --lr 1e-3 --iterations 200")
+              command=f"esd_sd.py --erase_concept {prompt!r} --train_method esd-x-strict --lr 1e-3 --iterations 200")
 common.save_json(os.path.join(run, "args.json"), record)
 common.save_json(os.path.join(run, "summary.json"), dict(wall_seconds=float(t1) - float(t0), peak_memory_mb=rss_kb / 1024,
                  trained_parameters=sum(v.numel() for v in trained.values())))
@@ -77,7 +79,9 @@ for c in "${CLASSES[@]}"; do base_metrics "$c"; done
 for seed in "${SEEDS[@]}"; do
   for c in "${CLASSES[@]}"; do
     run_and_eval fdiv.py "$OUT" esd "$c" "$seed" --anchor esd --divergence mse
-    official_run "$c" "$seed"
+    # the official script on our forget prompt ("an image of a church"), then on the bare class name ("church")
+    official_run esd_official "$c" "$seed" ""
+    official_run esd_official-class_name "$c" "$seed" "$c"
   done
 done
 table "$OUT" --base "${BASE:-runs/bench/base}"
