@@ -160,7 +160,7 @@ def train_one(script: str, folder: str, out: str, steps: int, device: str, overr
     if script == "sfd":
         module.seconds_per_image = lambda *a, **k: 1.0  # 25-step sampling of 16 images, not part of a step
     if script == "rl_critic":  # the SD reward (CLIP ViT-L/14) from the local random-weight folder, not the hub
-        module.REWARD_MODELS[("sd", "clip")] = os.path.join(folder, "clip")
+        module.REWARD_MODELS["sd"] = os.path.join(folder, "clip")
     argv = ["--model", os.path.join(folder, "sd"), "--dtype", "bf16", "--device", device, "--steps", str(steps)]
     argv += ["--out_dir", out, "--log_every", "1", "--save_every", "0"] + SMALL[script]
     if script == "rl_critic":
