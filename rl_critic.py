@@ -1,21 +1,23 @@
-"""RL unlearning: PPO on the reverse-diffusion policy with a timestep-aware (FiLM) critic on noisy latents.
+"""RL unlearning: PPO on the reverse-diffusion policy with a CLIP-based, timestep-aware (FiLM) critic of noisy states.
 
 Paper: "Critic-Guided Reinforcement Unlearning in Text-to-Image Diffusion", arXiv 2601.03213 (2026). No code is
 public: a reconstruction on DDPO's structure (Black et al., arXiv 2305.13301) plus the critic, in CleanRL's PPO style.
 
 Idea. Denoising is a decision process: state (c, t, x_t), action x_{t-1} ~ pi_theta = the stochastic DDIM kernel (eta
 1, guided), reward only on the decoded x_0: -p(concept) for forget prompts, p(own class) for retain prompts. A critic
-V_phi(x_t, t, c), FiLM-conditioned on t and the prompt, is fitted to the terminal reward; its values give per-step
-advantages (GAE, --gae_lambda) for PPO's clipped loss:
+V_phi(x_t, t, c) on CLIP features of x_t and c, FiLM-conditioned on t, is fitted to the terminal reward; its values
+give per-step advantages (GAE) for PPO's clipped loss (--advantage none: DDPO's per-prompt normalisation, no critic):
 
     A_t = sum_l lambda^l delta_{t-l},  delta_t = V(x_{t-1}) - V(x_t),  V(x_0) := r
     L   = E_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi_theta / pi_old
 
 Trust regions: --kl_weight, the exact kernel KL to the reference on retain prompts; --forget_kl_weight, the same on
-forget prompts toward ESD's negatively guided eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, "")).
---advantage none: DDPO's per-prompt normalisation, no critic. Deviations: our critic is a small conv net on the latent
-(the paper's reads CLIP features); the policy trains on the first 60% of the steps (--train_fraction). The reward
-follows from the world, never the evaluation judge: tiny, a small CNN trained once on Pictonette; SD, CLIP zero-shot.
+forget prompts toward ESD's eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, "")): this repository's
+extension, not the paper's (--forget_kl_weight 0 is the paper's method). Deviations:
+- the critic's details are not public: an MLP on a frozen CLIP's features of the decoded x_t and of c (tiny:
+  data/tiny-clip; SD: ViT-L/14); --critic_input clean reads the reference's x0_hat instead (the paper's ablation);
+- the reward follows from the world, never the judge: tiny, a small CNN trained on Pictonette; SD, CLIP zero-shot;
+- the policy trains on the first 60% of each rollout's steps (--train_fraction).
 
 SD:   python rl_critic.py --model CompVis/stable-diffusion-v1-4 --concept church  (cost: README)
 Tiny: python rl_critic.py --concept church  (337 s on one CPU thread, 1.43 GB, including the reward CNN's fit)
@@ -45,6 +47,7 @@ WORLD_DEFAULTS = {
 }
 # The reward model follows from the world (never the evaluation judge); benchmark/sd_architecture.py patches "sd".
 REWARD_MODELS = {"tiny": "SmallCNN trained on Pictonette (fit_classifier)", "sd": "openai/clip-vit-large-patch14"}
+TINY_CLIP = os.path.join(common.ROOT, "data", "tiny-clip")  # the tiny critic's CLIP (SD's: REWARD_MODELS["sd"])
 BUCKETS = [0, 250, 500, 750, 1000]  # timestep buckets for the critic's explained variance
 
 
@@ -82,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of rollouts (> 0: a stochastic policy)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of rollouts and samples")
     p.add_argument("--critic_input", default="noisy", choices=["noisy", "clean"], help="x_t, or the reference x0_hat")
-    p.add_argument("--critic_width", type=int, default=64, help="channels of the critic's conv blocks")
+    p.add_argument("--critic_width", type=int, default=256, help="hidden width of the critic's MLP")
     p.add_argument("--critic_lr", type=float, default=1e-3, help="Adam learning rate of the critic")
     p.add_argument("--critic_epochs", type=int, default=4, help="critic passes over each batch of states")
     p.add_argument("--critic_warmup", type=int, default=2, help="first iterations fit only the critic (no update)")
@@ -119,41 +122,55 @@ def fill_world_defaults(args, world: str) -> None:
         raise common.UsageError(f"--num_minibatches {args.num_minibatches} exceeds --batch_size {args.batch_size}")
 
 
-# ALGO LOGIC: the critic V(x_t, t, c)
-class FiLMBlock(torch.nn.Module):
-    """conv -> GroupNorm -> h * (1 + gamma(cond)) + beta(cond) -> SiLU (Perez et al. 2018, FiLM)."""
+# ALGO LOGIC: the critic V(x_t, t, c) on CLIP features (arXiv 2601.03213: a CLIP-based reward predictor on noisy states)
+class CLIPFeatures:
+    """A frozen CLIP (tiny: data/tiny-clip; SD: CLIP ViT-L/14, the reward's): unit image features of decoded latents
+    (B, 4, h, w) -> (B, D), resized and normalised as its image processor does, and unit text features of prompts."""
 
-    def __init__(self, c_in: int, c_out: int, cond_dim: int, stride: int):
-        super().__init__()
-        self.conv, self.norm = torch.nn.Conv2d(c_in, c_out, 3, stride, 1), torch.nn.GroupNorm(8, c_out)
-        self.film = torch.nn.Linear(cond_dim, 2 * c_out)  # gamma and beta
+    def __init__(self, model, src: str):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        return F.silu(self.norm(self.conv(h)) * (1 + gamma) + beta)
+        self.model, self.tok = model, AutoTokenizer.from_pretrained(src)
+        self.net = CLIPModel.from_pretrained(src).to(model.device).eval().requires_grad_(False)
+        proc = AutoImageProcessor.from_pretrained(src, use_fast=False)
+        self.size = (proc.crop_size["height"], proc.crop_size["width"])
+        self.mean = torch.tensor(proc.image_mean, device=model.device)[:, None, None]
+        self.std = torch.tensor(proc.image_std, device=model.device)[:, None, None]
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        out, vae = [], self.model.vae
+        for z in latents.split(batch):
+            x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+            x = F.interpolate((x / 2 + 0.5).clamp(0, 1), size=self.size, mode="bicubic", antialias=True)
+            out.append(F.normalize(self.net.get_image_features(pixel_values=(x - self.mean) / self.std), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def texts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tok(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        return F.normalize(self.net.get_text_features(**ids), dim=-1)
 
 
 class Critic(torch.nn.Module):
-    """V(x_t, t, c): conv blocks on the latent, FiLM-modulated by emb(t) + proj(pooled text), pool, MLP -> (B,)."""
+    """V(x_t, t, c): an MLP on [CLIP image features of x_t, CLIP text features of c] whose two hidden layers are
+    FiLM-modulated by a sinusoidal embedding of t (Perez et al. 2018): h <- h (1 + gamma(t)) + beta(t); -> (B,)."""
 
-    def __init__(self, channels: int, text_dim: int, width: int = 64):
+    def __init__(self, dim: int, width: int = 256):
         super().__init__()
-        w, w2 = width, 2 * width  # conv channels; w2 is also the width of the FiLM condition
-        self.time_mlp = torch.nn.Sequential(torch.nn.Linear(w2, w2), torch.nn.SiLU(), torch.nn.Linear(w2, w2))
-        self.text_proj = torch.nn.Linear(text_dim, w2)
-        self.inp = torch.nn.Conv2d(channels, w, 3, 1, 1)
-        self.blocks = torch.nn.ModuleList([FiLMBlock(w, w, w2, 1), FiLMBlock(w, w2, w2, 2), FiLMBlock(w2, w2, w2, 2)])
-        self.head = torch.nn.Sequential(torch.nn.Linear(w2 + w2, w), torch.nn.SiLU(), torch.nn.Linear(w, 1))
+        nn = torch.nn
+        self.inp, self.hidden, self.out = nn.Linear(2 * dim, width), nn.Linear(width, width), nn.Linear(width, 1)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
+        self.film = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 4 * width))  # 2x (gamma, beta)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         from diffusers.models.embeddings import get_timestep_embedding
 
-        emb = get_timestep_embedding(t, self.text_proj.out_features, flip_sin_to_cos=True, downscale_freq_shift=0)
-        cond = self.text_proj(text.float()) + self.time_mlp(emb)  # FiLM's input; text: pooled text states (B, D)
-        h = self.inp(x.float())
-        for block in self.blocks:
-            h = block(h, cond)
-        return self.head(torch.cat([h.mean(dim=(2, 3)), cond], dim=-1)).squeeze(-1)
+        emb = get_timestep_embedding(t, self.inp.out_features, flip_sin_to_cos=True, downscale_freq_shift=0)
+        g1, b1, g2, b2 = self.film(emb).chunk(4, dim=-1)
+        h = F.silu(self.norms[0](self.inp(torch.cat([image, text], dim=-1).float())) * (1 + g1) + b1)
+        h = F.silu(self.norms[1](self.hidden(h)) * (1 + g2) + b2)
+        return self.out(h).squeeze(-1)
 
 
 # ALGO LOGIC: advantages, the PPO loss, the kernel KL
@@ -243,35 +260,28 @@ def critic_report(ev_log: list, steps: int) -> dict | None:
 
 # PLUMBING: the reward models (never the evaluation judge)
 class Reward:
-    """Probabilities over [concept, *retain labels]: tiny, fit_classifier's CNN; SD, CLIP zero-shot ("an image of a");
-    `own`: per retain prompt, the index of its own label."""
+    """Probabilities over [concept, *retain labels] of decoded latents: tiny, fit_classifier's CNN; SD, CLIP zero-shot
+    ("an image of a {label}"); `own`: per retain prompt, the index of its own label."""
 
     def __init__(self, model, prompts: dict):
         names = prompts["retain_classes"] or prompts["retain"]  # a class concept: one retain prompt per retain class
         unique = list(dict.fromkeys(names))
         labels, self.own = [prompts["concept"], *unique], [1 + unique.index(c) for c in names]
-        self.device, self.net = model.device, None
+        self.model, self.clip = model, None
         if model.world == "tiny":
-            self.cnn = fit_classifier(model).to(self.device)
-            self.index = torch.tensor([common.IMAGENETTE.index(c) for c in labels], device=self.device)
+            self.cnn = fit_classifier(model).to(model.device)
+            self.index = torch.tensor([common.IMAGENETTE.index(c) for c in labels], device=model.device)
             return
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        self.clip = CLIPFeatures(model, REWARD_MODELS["sd"])
+        self.text = self.clip.texts([f"an image of a {c}" if common.imagenette_class(c) else c for c in labels])
 
-        src = REWARD_MODELS["sd"]
-        self.processor = AutoImageProcessor.from_pretrained(src, use_fast=False)
-        self.net = CLIPModel.from_pretrained(src).to(self.device).eval().requires_grad_(False)
-        texts = [f"an image of a {c}" if common.imagenette_class(c) else c for c in labels]
-        ids = AutoTokenizer.from_pretrained(src)(texts, padding=True, truncation=True, return_tensors="pt")
-        self.text = F.normalize(self.net.get_text_features(**ids.to(self.device)), dim=-1)  # (K, D), no graph
-
-    def probs(self, images: np.ndarray) -> torch.Tensor:
-        """(N, K) probabilities of uint8 images (N, H, W, 3) over the labels (no graph: nothing needs a gradient)."""
-        if self.net is None:
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
-            return self.cnn(x).softmax(-1)[:, self.index]
-        x = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
-        image = F.normalize(self.net.get_image_features(pixel_values=x), dim=-1)
-        return (self.net.logit_scale.exp() * image @ self.text.T).softmax(-1)
+    @torch.no_grad()
+    def probs(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, K) probabilities of the images that latents (N, 4, h, w) decode to, over the labels."""
+        if self.clip is None:  # the CNN reads the uint8 images, as it was trained
+            x = torch.from_numpy(common.decode(self.model, latents)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            return self.cnn(x.to(self.model.device)).softmax(-1)[:, self.index]
+        return (self.clip.net.logit_scale.exp() * self.clip.images(latents) @ self.text.T).softmax(-1)
 
 
 class SmallCNN(torch.nn.Sequential):
@@ -345,7 +355,8 @@ def main(args):
     reward_model = Reward(model, prompts)
     all_prompts = prompts["forget"] + prompts["retain"]
     states, uncond = common.encode_prompts(model, all_prompts), common.encode_prompts(model, [""])  # (P, L, D)
-    pooled = states.float().mean(dim=1)  # (P, D): the critic's text input
+    clip = reward_model.clip or CLIPFeatures(model, TINY_CLIP)  # the critic's CLIP (SD: the reward's)
+    text_features = clip.texts(all_prompts)  # (P, D): the critic's text input
     unet = common.trainable_unet(model, args.gradient_checkpointing)
     if args.lora_rank > 0:
         from peft import LoraConfig
@@ -356,7 +367,7 @@ def main(args):
         args.train_params = f"lora-r{args.lora_rank}"
     else:
         params = common.select_params(unet, args.train_params)
-    critic = Critic(model.latent_shape[0], pooled.shape[-1], args.critic_width).to(model.device)
+    critic = Critic(text_features.shape[-1], args.critic_width).to(model.device)
     opt, opt_v = torch.optim.Adam(params, lr=args.lr), torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     modules, optimizers = {"unet": unet, "critic": critic}, {"opt": opt, "opt_v": opt_v}
     history, start = {}, 0  # per prompt, its last rewards (--advantage none)
@@ -416,14 +427,14 @@ def main(args):
         lat, old_logp = traj["latents"].float(), traj["log_probs"].float()  # (T+1, B, 4, h, w) x_T..x_0, (T, B)
         t_lap = lap("rollout", t0)
         # 2. rewards on the decoded final image: -p(concept) for forget prompts, p(own label) for retain prompts
-        p = reward_model.probs(common.decode(model, lat[-1]))  # (B, K) over [concept, *retain labels]
+        p = reward_model.probs(lat[-1])  # (B, K) over [concept, *retain labels]
         own = torch.tensor([0] * n_forget + [reward_model.own[i - len(prompts["forget"])] for i in idx_r.tolist()])
         rewards = torch.where(is_forget.to(p.device), -p[:, 0], p[torch.arange(B), own]).float().cpu()
         t_lap = lap("reward", t_lap)
         # 3. critic values at the states before each action, advantages, then the critic's own fit
         t_flat = timesteps.repeat_interleave(B).to(model.device)  # (T*B,)
         x_flat = lat[:-1].reshape(T * B, *lat.shape[2:])
-        text_flat = pooled[idx].repeat(T, 1)
+        text_flat = text_features[idx].repeat(T, 1)
         if args.critic_input == "clean":  # the reference model's x0_hat, B states per call
             with torch.no_grad(), common.autocast(model.device, model.dtype):
                 chunks = zip(x_flat.split(B), t_flat.split(B), cond.repeat(T, 1, 1).split(B))
@@ -431,15 +442,12 @@ def main(args):
             x_flat = common.x0_from_eps(sched, x_flat, eps_ref, t_flat).float()
         stats = {}
         if args.advantage == "gae":
+            x_flat = clip.images(x_flat)  # (T*B, D): what the critic reads of each state
             with torch.no_grad():
                 values = critic(x_flat, t_flat, text_flat).reshape(T, B)
             r_flat, f_flat = rewards.to(model.device).repeat(T), is_forget.to(model.device).repeat(T)
             v_flat = values.flatten()
-            stats["explained_var"] = explained_variance(v_flat, r_flat)
-            for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):  # held out: the critic has not seen this batch yet
-                if (m := (t_flat >= lo) & (t_flat < hi)).any():
-                    stats[f"ev_t{lo}"] = explained_variance(v_flat[m], r_flat[m])
-                    stats[f"ev_forget_t{lo}"] = explained_variance(v_flat[m & f_flat], r_flat[m & f_flat])
+            stats["explained_var"] = explained_variance(v_flat, r_flat)  # held out: not yet fitted on this batch
             ev_log.append(dict(step=step, t=t_flat.cpu(), pred=v_flat.cpu(), r=r_flat.cpu(), forget=f_flat.cpu()))
             adv = advantages(values.cpu(), rewards, args.gae_lambda)
             v_losses = []
@@ -497,10 +505,8 @@ def main(args):
         if logs:
             stats |= {key: torch.stack([lg[key] for lg in logs]).mean().item() for key in logs[0]}
             stats["logratio_before_update"] = first_logratio.item()  # max |log r| before this batch's first step
-        stats["lr"] = opt.param_groups[0]["lr"]
-        stats["reward_forget"] = rewards[is_forget].mean().item()
-        stats["reward_retain"] = rewards[~is_forget].mean().item()
-        stats["p_concept_forget"] = p[is_forget.to(p.device), 0].mean().item()
+        stats |= dict(lr=opt.param_groups[0]["lr"], p_concept_forget=p[is_forget.to(p.device), 0].mean().item())
+        stats |= dict(reward_forget=rewards[is_forget].mean().item(), reward_retain=rewards[~is_forget].mean().item())
         dt = lap("policy", t_lap) - t0
         iter_time, window, train_time = iter_time + dt, window + 1, train_time + dt
         clock.tick(step - start)
@@ -525,17 +531,11 @@ def main(args):
     per_iter = T * clock.seconds("rollout") + (T * clock.seconds("clean") if args.critic_input == "clean" else 0.0)
     per_iter += T_train * clock.seconds("kl") if n_kl else 0.0
     unet_time = n_iter * per_iter + n_upd * args.inner_epochs * args.num_minibatches * T_train * clock.seconds("update")
-    summary = dict(
-        wall_seconds=time.perf_counter() - t_start,
-        train_seconds=train_time,
-        steps=n_iter,
-        rollouts=n_iter * B,
-        sec_per_step=train_time / max(1, n_iter),
-        unet_pass_seconds=unet_time,
-        step_efficiency=train_time / unet_time if unet_time > 0 else None,
-        phase_seconds={k: round(v, 2) for k, v in phases.items()},
-        peak_memory_mb=common.peak_memory_mb(model.device),
-        critic_explained_variance=critic_report(ev_log, args.steps),
+    summary = dict(wall_seconds=time.perf_counter() - t_start, train_seconds=train_time, steps=n_iter)
+    summary |= dict(rollouts=n_iter * B, sec_per_step=train_time / max(1, n_iter), unet_pass_seconds=unet_time)
+    summary |= dict(step_efficiency=train_time / unet_time if unet_time > 0 else None, phase_seconds=phases)
+    summary |= dict(
+        peak_memory_mb=common.peak_memory_mb(model.device), critic_explained_variance=critic_report(ev_log, args.steps)
     )
     common.save_json(os.path.join(run, "summary.json"), summary)
     print(

@@ -179,12 +179,30 @@ def test_per_prompt_normalize_normalises_each_prompt_on_its_own():
 
 def test_film_conditions_on_t_and_on_the_text():
     torch.manual_seed(0)
-    x, text = torch.randn(3, 4, 8, 8), torch.randn(3, 16)
+    image, text = torch.randn(3, 16), torch.randn(3, 16)
     t1, t2 = torch.tensor([900, 900, 900]), torch.tensor([10, 10, 10])
-    film = rl_critic.Critic(4, 16, width=16)
-    assert not torch.allclose(film(x, t1, text), film(x, t2, text))
-    assert not torch.allclose(film(x, t1, text), film(x, t1, text.flip(0)))
-    assert film(torch.randn(2, 4, 64, 64), torch.tensor([5, 500]), torch.randn(2, 16)).shape == (2,)
+    critic = rl_critic.Critic(16, width=32)
+    assert not torch.allclose(critic(image, t1, text), critic(image, t2, text))
+    assert not torch.allclose(critic(image, t1, text), critic(image, t1, text.flip(0)))
+    assert not torch.allclose(critic(image, t1, text), critic(image.flip(0), t1, text))
+    assert critic.norms[0] is not critic.norms[1] and critic(image[:2], torch.tensor([5, 500]), text[:2]).shape == (2,)
+
+
+def test_clip_features_are_the_image_processors_unit_features_of_the_decoded_latents(tiny_model):
+    """CLIPFeatures.images decodes, resizes and normalises in torch as CLIPImageProcessor does on the uint8 images (up
+    to the uint8 rounding); texts are the unit text features."""
+    from transformers import AutoImageProcessor
+
+    clip = rl_critic.CLIPFeatures(tiny_model, rl_critic.TINY_CLIP)
+    z = common.initial_latents(tiny_model, [0, 1, 2])
+    got = clip.images(z)
+    proc = AutoImageProcessor.from_pretrained(rl_critic.TINY_CLIP, use_fast=False)
+    pixels = proc(images=list(common.decode(tiny_model, z)), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(clip.net.get_image_features(pixel_values=pixels), dim=-1)
+    assert got.shape == ref.shape and (got * ref).sum(-1).min() > 0.99
+    text = clip.texts(["an image of a church", "an image of a tench"])
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2)) and not torch.allclose(text[0], text[1])
 
 
 def test_the_critics_timestep_embedding_is_ddpms_sinusoid():
