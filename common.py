@@ -534,9 +534,9 @@ def imagenette_class(concept: str) -> str | None:
 
 
 def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
-    """Forget and retain prompts for a concept. An Imagenette class: forget "an image of a {class}", retain the other
-    nine classes (data/prompts/imagenette.csv); "nudity": data/prompts/nudity.csv and nudity_retain.csv; other text:
-    forget a few templates around it, retain `retain_file`, which replaces the default retain prompts in every case."""
+    """Forget and retain prompts for a concept: an Imagenette class forgets "an image of a {class}" and retains the
+    other nine (data/prompts/imagenette.csv); "nudity" uses data/prompts/nudity.csv and nudity_retain.csv; other text
+    forgets a few templates around it and needs `retain_file`, which replaces the default retain prompts in any case."""
     if not concept or not concept.strip():
         raise UsageError("empty --concept; give an Imagenette class (e.g. church), nudity, or a free-text concept")
     prompts_of = lambda path: [r["prompt"] for r in read_prompts(path)]
@@ -742,14 +742,11 @@ class UNetPassClock:
     def time(self, passes: list, warmup: bool) -> float:
         """Seconds of one run of `passes`, after an untimed one with `warmup` (allocations, kernel selection)."""
         m, gen, inputs = self.model, torch.Generator().manual_seed(0), []
-        T, L, D = (
-            m.scheduler.config.num_train_timesteps,
-            m.tokenizer.model_max_length,
-            m.text_encoder.config.hidden_size,
-        )
         for _, n, _ in passes:  # x_t, t and text states of the model's shapes
-            x, t = torch.randn(n, *m.latent_shape, generator=gen), torch.randint(0, T, (n,), generator=gen)
-            inputs.append((x.to(m.device), t.to(m.device), torch.randn(n, L, D, generator=gen).to(m.device)))
+            x = torch.randn(n, *m.latent_shape, generator=gen)
+            t = torch.randint(0, m.scheduler.config.num_train_timesteps, (n,), generator=gen)
+            c = torch.randn(n, m.tokenizer.model_max_length, m.text_encoder.config.hidden_size, generator=gen)
+            inputs.append((x.to(m.device), t.to(m.device), c.to(m.device)))
 
         def run():
             for (unet, _, backward), (x, t, c) in zip(passes, inputs):

@@ -1,4 +1,5 @@
-"""Shared test setup: offline (HF_HUB_OFFLINE=1), CPU, the repository and data/ importable, the tiny-sd fixtures."""
+"""Shared test setup: offline (HF_HUB_OFFLINE=1), CPU, the repository and data/ importable, the tiny-sd fixtures and
+the tiny judge (judge_accuracies) of the efficacy tests."""
 
 import os
 import sys
