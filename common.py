@@ -1,15 +1,8 @@
-"""Shared plumbing for the method scripts and eval.py: loading, prompt encoding, sampling, generation, run folders.
+"""Shared plumbing for the method scripts and eval.py; no method's idea (a loss, a schedule, a critic) lives here.
 
-Nothing here holds a method's idea (a loss, a schedule, a critic): those live in the method scripts. What is here:
-
-- `load_model`: any diffusers Stable Diffusion folder or hub id, or `tiny` (= data/tiny-sd), onto a device/dtype,
-  frozen parts in eval mode without gradients; a one-line error for a missing/malformed folder or an unreachable hub.
-- `encode_prompts` (cached), `cfg_eps` (classifier-free guidance on one doubled batch), `x0_from_eps`,
-  `ddim_step` (stochastic with `eta`, returns the Gaussian log-probability), `sample` (can return the trajectory),
-  `decode`, `generate` (a prompt file into an image folder: per-row seeds, batched, resumable, sharded under
-  torchrun so that 1 and N processes write identical files).
-- Run folders (`args.json`, `metrics.jsonl`, atomic writes, checkpoints for `--resume`), seeding, saving and loading
-  the trained UNet in diffusers format, ESD's parameter selector, concept -> prompts, a before/after sample grid.
+Loading a model, prompt encoding, classifier-free guidance, the DDIM step and sampler, `generate` (a prompt file into
+an image folder, identical under 1 or N torchrun processes), run folders (args.json, metrics.jsonl, atomic writes,
+checkpoints for --resume, the trained UNet), ESD's parameter selector, concept -> prompts, step timing, sample grids.
 """
 
 import argparse
@@ -21,6 +14,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,26 +23,16 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(ROOT, "data", "tiny-sd")
 PROMPTS_DIR = os.path.join(ROOT, "data", "prompts")
 SD_IDS = ["CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
-IMAGENETTE = [
-    "tench",
-    "English springer",
-    "cassette player",
-    "chain saw",
-    "church",
-    "French horn",
-    "garbage truck",
-    "gas pump",
-    "golf ball",
-    "parachute",
-]
-IMAGENET_INDEX = {
+IMAGENET_INDEX = {  # the ten Imagenette classes and their ImageNet class indices
     "tench": 0,
     "English springer": 217,
     "cassette player": 482,
@@ -60,6 +44,7 @@ IMAGENET_INDEX = {
     "golf ball": 574,
     "parachute": 701,
 }
+IMAGENETTE = list(IMAGENET_INDEX)
 
 
 class UsageError(Exception):
@@ -83,8 +68,6 @@ def cli(main, args) -> None:
 
 
 # ---------------------------------------------------------------- device, dtype, seeding
-
-
 def resolve_device(device: str | None) -> torch.device:
     """`None`/"auto" -> CUDA (this process's LOCAL_RANK under torchrun) when available, else CPU."""
     if device in (None, "auto"):
@@ -105,7 +88,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """Dtype of the frozen models: "auto" = bf16 on CUDA (design.md), fp32 elsewhere."""
+    """Dtype of the frozen models: "auto" = bf16 on CUDA, fp32 elsewhere."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -114,8 +97,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on every device (CUDA and CPU alike, so a CPU run in bf16 is the GPU user's regime): the UNet's
-    matmuls and convolutions run in bf16 while trained weights stay fp32; nothing in fp32."""
+    """bf16 autocast for bf16 models, on CUDA and the CPU alike (a CPU run in bf16 is the GPU user's regime): matmuls
+    and convolutions run in bf16 while trained weights stay fp32. A no-op for fp32."""
     if dtype == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -128,15 +111,11 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------- loading
-
-
 @dataclasses.dataclass
 class Model:
-    """A loaded Stable Diffusion model (diffusers components) and what the scripts need to know about it."""
+    """A loaded Stable Diffusion model: its diffusers components and where they came from."""
 
-    name: str  # what the user passed (e.g. "tiny", a hub id, a folder)
-    path: str  # resolved folder or hub id
-    world: str  # "tiny" or "sd": which judge, CLIP and defaults apply
+    path: str  # folder or hub id
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -144,20 +123,23 @@ class Model:
     scheduler: object  # the training (DDPM) scheduler, with the model's noise schedule
     device: torch.device
     dtype: torch.dtype
-    resolution: int  # image side in pixels (32 tiny, 512 SD)
     unet_path: str | None = None  # the trained UNet folder loaded instead of the model's own, if any
     prompt_cache: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def resolution(self) -> int:
+        """Image side in pixels (32 tiny, 512 SD)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def world(self) -> str:
+        """Which judge, CLIP and defaults apply: "tiny" (32x32, wherever its folder lives) or "sd"."""
+        return "tiny" if self.resolution < 256 else "sd"
+
+    @property
     def latent_shape(self) -> tuple:
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (self.unet.config.in_channels, self.resolution // f, self.resolution // f)
-
-
-def resolve_model_path(name: str) -> str:
-    if name == "tiny":
-        return TINY
-    return name
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
 
 
 def is_tiny(path: str) -> bool:
@@ -169,19 +151,24 @@ def looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
 
 
-def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | None = None) -> Model:
-    """Load a Stable Diffusion model's components, frozen (eval mode, no gradients), onto `device` in `dtype`.
+def _load_unet(path: str, unet_path: str | None, dtype: torch.dtype):
+    """The UNet of the model at `path`, or the trained UNet folder `unet_path` when given."""
+    from diffusers import UNet2DConditionModel
 
-    `name`: "tiny" (the embedded model, data/tiny-sd), a hub id (CompVis/stable-diffusion-v1-4,
-    stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder. `unet_path`: a trained UNet folder
-    (diffusers format) to use instead of the model's own.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    if unet_path:
+        return UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=dtype)
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+
+
+def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | None = None) -> Model:
+    """A Stable Diffusion model's components, frozen (eval mode, no gradients), on `device` in `dtype`. `name`: "tiny"
+    (data/tiny-sd), a hub id (SD_IDS) or a diffusers folder; `unet_path`: a trained UNet folder to use instead."""
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
-    path = resolve_model_path(name)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    path = TINY if name == "tiny" else name
     local = os.path.isdir(path)
     if not local and not looks_like_hub_id(path):
         raise UsageError(
@@ -192,70 +179,37 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
         for part in ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
             if not os.path.exists(os.path.join(path, part)):
                 raise UsageError(
-                    f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no "
-                    f"{part!r} (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                    f"scheduler/)"
+                    f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no {part!r} "
+                    f"(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
                 )
+    if unet_path and not os.path.isfile(os.path.join(unet_path, "config.json")):
+        raise UsageError(f"UNet folder {unet_path!r} has no config.json (expected a diffusers UNet folder)")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)  # transformers' name
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)  # diffusers' name
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        unet_src = (
-            dict(pretrained_model_name_or_path=unet_path)
-            if unet_path
-            else dict(pretrained_model_name_or_path=path, subfolder="unet")
-        )
-        if unet_path and not os.path.isfile(os.path.join(unet_path, "config.json")):
-            raise UsageError(f"UNet folder {unet_path!r} has no config.json (expected a diffusers UNet folder)")
-        unet = UNet2DConditionModel.from_pretrained(**unet_src, torch_dtype=dtype)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- hub/IO failures surface as many types (OSError, ValueError, ImportError)
+        unet = _load_unet(path, unet_path, dtype)
+    except Exception as e:  # noqa: BLE001 -- hub and IO failures come as many types (OSError, ValueError, ImportError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            "; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use "
-            "--model tiny for the embedded model"
-            if not local
-            else ""
+        hub_hint = (
+            "; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use --model tiny "
+            "for the embedded model"
         )
-        raise UsageError(f"could not load model {name!r}: {first}{hint}") from e
+        raise UsageError(f"could not load model {name!r}: {first}{'' if local else hub_hint}") from e
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = unet.config.sample_size * f
-    world = "tiny" if resolution < 256 else "sd"  # the tiny world is 32x32 wherever its folder lives
-    return Model(
-        name=name,
-        path=path,
-        world=world,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        device=device,
-        dtype=dtype,
-        resolution=resolution,
-        unet_path=unet_path,
-    )
+    return Model(path, unet, vae, text_encoder, tokenizer, scheduler, device, dtype, unet_path)
 
 
 def trainable_unet(model: Model, gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """The model's UNet in fp32 to train (design.md: trainable weights fp32 under autocast). With bf16 frozen models it
-    is loaded again from disk in fp32, never upcast from the bf16 copy (which would round every weight, and every
-    untouched tensor of the saved unet/, to bf16)."""
-    from diffusers import UNet2DConditionModel
-
+    """The model's UNet in fp32 (trained weights stay fp32 under autocast), in training mode with gradients. Beside
+    bf16 frozen models it is loaded again from disk: upcasting the bf16 copy would round every weight to bf16."""
     if model.dtype == torch.float32:
         unet = copy.deepcopy(model.unet)
     else:
-        src = dict(pretrained_model_name_or_path=model.unet_path or model.path)
-        if not model.unet_path:
-            src["subfolder"] = "unet"
-        unet = UNet2DConditionModel.from_pretrained(**src, torch_dtype=torch.float32).to(model.device)
-    unet = unet.train()
-    unet.requires_grad_(True)
+        unet = _load_unet(model.path, model.unet_path, torch.float32).to(model.device)
+    unet.train().requires_grad_(True)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -275,41 +229,30 @@ def select_params(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]
     }
     if which not in rules:
         raise UsageError(f"unknown parameter selection {which!r}; accepted: {', '.join(rules)}")
-    chosen = []
     for name, p in unet.named_parameters():
         p.requires_grad_(rules[which](name))
-        if p.requires_grad:
-            chosen.append(p)
+    chosen = [p for p in unet.parameters() if p.requires_grad]
     if not chosen:
         raise UsageError(f"parameter selection {which!r} matches no parameter of this UNet")
     return chosen
 
 
-# ---------------------------------------------------------------- prompts and the denoising step
-
-
+# ---------------------------------------------------------------- prompts, the denoising step, the sampler
 @torch.no_grad()
 def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
     """Text-encoder states (N, L, D) for prompts, as StableDiffusionPipeline computes them; cached per prompt."""
     missing = [p for p in dict.fromkeys(prompts) if p not in model.prompt_cache]
     if missing:
-        ids = model.tokenizer(
-            missing,
-            padding="max_length",
-            max_length=model.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(model.device)
-        states = model.text_encoder(ids)[0]
-        for p, s in zip(missing, states):
-            model.prompt_cache[p] = s
+        tok = model.tokenizer
+        ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        model.prompt_cache.update(zip(missing, model.text_encoder(ids.input_ids.to(model.device))[0]))
     return torch.stack([model.prompt_cache[p] for p in prompts])
 
 
 def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps("") + w (eps(c) - eps("")), one UNet call on the doubled batch. The UNet sees its
-    own dtype (bf16 for a frozen model, fp32 for a trained one under autocast); the result and the guidance are fp32."""
-    dtype = getattr(unet, "dtype", x.dtype)  # (a wrapper without .dtype gets the input as it is)
+    own dtype (bf16 frozen, fp32 trained under autocast; the input's for a wrapper without .dtype); returns fp32."""
+    dtype = getattr(unet, "dtype", x.dtype)
     if scale == 1.0:
         return unet(x.to(dtype), t, cond.to(dtype)).sample.float()
     t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
@@ -334,24 +277,16 @@ def ddim_timesteps(scheduler, steps: int) -> list[int]:
     return ddim.timesteps.tolist()
 
 
-def ddim_step(
-    scheduler,
-    eps: torch.Tensor,
-    t: int,
-    x_t: torch.Tensor,
-    steps: int,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    prev: torch.Tensor | None = None,
-):
+def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: int, eta=0.0, generator=None, prev=None):
     """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), same arithmetic as diffusers' DDIMScheduler.step.
 
     With eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws
-    `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob) with the
-    log-density of x_prev summed over all but the batch dimension (DDPO's form; None when eta = 0). Always fp32.
+    `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob), the
+    log-density summed over all but the batch dimension (DDPO's form; None when eta = 0). In fp32 at least (fp64
+    stays fp64): 0-d fp32 tensors would not promote a bf16 eps.
     """
-    dt = torch.promote_types(torch.promote_types(eps.dtype, x_t.dtype), torch.float32)  # fp32 at least (fp64 stays)
-    eps, x_t = eps.to(dt), x_t.to(dt)  # all of the step in fp32: 0-d fp32 tensors would not promote a bf16 eps
+    dt = torch.promote_types(torch.promote_types(eps.dtype, x_t.dtype), torch.float32)
+    eps, x_t = eps.to(dt), x_t.to(dt)
     prev = prev.to(dt) if prev is not None else None
     acp = scheduler.alphas_cumprod.to(dt)
     t_prev = t - scheduler.config.num_train_timesteps // steps
@@ -374,8 +309,7 @@ def ddim_step(
 
 @torch.no_grad()
 def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
-    """x_T for each seed, drawn on the CPU (device-independent), as the pipeline does with CPU generators; fp32 (the
-    sampler's arithmetic), whatever the models' dtype."""
+    """x_T for each seed, fp32, drawn on the CPU (device-independent) as the pipeline does with CPU generators."""
     shape = (1, *model.latent_shape)
     z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.cat(z).to(model.device)
@@ -394,18 +328,18 @@ def sample(
     t_init: int | None = None,
     run_till: int | None = None,
 ):
-    """DDIM sampling from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
+    """DDIM sampling, in fp32, from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
 
-    Returns x_0 latents, or with `run_till` k the state x_{t_k} after the first k of the steps (ESD's partial
-    sampling), or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs`
-    (T, N) (eta > 0), `timesteps` (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a
-    one-step generator (SFD/SiD): `one_step` replaces the DDIM loop, and steps and guidance are not used.
+    Returns x_0 latents, or with `run_till` k the state after the first k steps (ESD's partial sampling), or with
+    `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs` (T, N) (eta > 0) and `timesteps`
+    (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a one-step generator (SFD/SiD):
+    `one_step` replaces the DDIM loop, and steps and guidance are not used.
     """
     unet = unet or model.unet
     if t_init is not None:
         return one_step(model, unet, cond, latents, t_init)
     uncond = encode_prompts(model, [""]).expand(len(cond), -1, -1)
-    x = latents.float()  # the sampler's state and arithmetic stay fp32; the UNet sees its own dtype (cfg_eps)
+    x = latents.float()
     traj, logps = [x], []
     timesteps = ddim_timesteps(model.scheduler, steps)
     for t in timesteps[:run_till]:
@@ -416,20 +350,18 @@ def sample(
             logps.append(logp)
     if not return_trajectory:
         return x
-    return dict(
-        latents=torch.stack(traj), log_probs=torch.stack(logps) if eta > 0 else None, timesteps=torch.tensor(timesteps)
-    )
+    log_probs = torch.stack(logps) if eta > 0 else None
+    return dict(latents=torch.stack(traj), log_probs=log_probs, timesteps=torch.tensor(timesteps))
 
 
 def one_step(model: Model, unet, cond: torch.Tensor, z: torch.Tensor, t_init: int) -> torch.Tensor:
-    """One-step generation (SiD-LSG / SFD): x_init = sqrt(1 - abar_tinit) z, the scheduler's add_noise of x_0 = 0, and
-    x_g = the UNet's x0-prediction at t_init, (x_init - sqrt(1 - abar) eps) / sqrt(abar). No guidance: the generator
-    was trained with guidance on its teacher."""
+    """One-step generation (SiD-LSG / SFD): x_init = sqrt(1 - abar_tinit) z (the scheduler's add_noise of x_0 = 0),
+    x_g = the UNet's x0-prediction at t_init. No guidance: the generator was trained with guidance on its teacher."""
     t = torch.full((len(z),), int(t_init), device=z.device)
     x_init = model.scheduler.add_noise(torch.zeros_like(z), z, t)
     dtype = getattr(unet, "dtype", x_init.dtype)
     eps = unet(x_init.to(dtype), t, cond.to(dtype)).sample.float()
-    return x0_from_eps(model.scheduler, x_init.float(), eps, t)
+    return x0_from_eps(model.scheduler, x_init, eps, t)
 
 
 @torch.no_grad()
@@ -444,21 +376,14 @@ def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
 def encode_images(model: Model, images: np.ndarray, generator=None) -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> scaled latents (a sample of the VAE posterior, as in SD training)."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(model.device, model.vae.dtype) / 127.5 - 1
-    post = model.vae.encode(x).latent_dist
-    return post.sample(generator) * model.vae.config.scaling_factor
+    return model.vae.encode(x).latent_dist.sample(generator) * model.vae.config.scaling_factor
 
 
-# ---------------------------------------------------------------- prompt files and image folders
-
-REQUIRED_COLUMNS = ["case_number", "prompt"]
-
-
+# ---------------------------------------------------------------- files: prompts, atomic writes, image folders
 def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
-    """Rows of a prompt file (`case_number,prompt,evaluation_seed[,class][,...]`; extra columns kept).
-
-    Accepts the common variants: `sd_seed` for the seed (I2P), `caption` or `text` for the prompt and a missing
-    `case_number` (COCO caption files); a missing seed becomes `default_seed + case_number`.
-    """
+    """Rows of a prompt file (`case_number,prompt,evaluation_seed[,class][,...]`; extra columns kept). Also accepted:
+    `sd_seed` for the seed (I2P), `caption` or `text` for the prompt and no `case_number` (COCO captions); a missing
+    seed becomes `default_seed + case_number`."""
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path!r} does not exist")
     with open(path, newline="", encoding="utf-8") as f:
@@ -466,13 +391,11 @@ def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
         rows = list(reader)
         columns = reader.fieldnames or []
     if "prompt" not in columns:
-        for alt in ("caption", "text"):
-            if alt in columns:
-                for r in rows:
-                    r["prompt"] = r[alt]
-                break
-        else:
-            raise UsageError(f"{path}: no 'prompt' column (found {columns}); required: {REQUIRED_COLUMNS}")
+        alt = next((c for c in ("caption", "text") if c in columns), None)
+        if alt is None:
+            raise UsageError(f"{path}: no 'prompt' column (found {columns}); required: ['case_number', 'prompt']")
+        for r in rows:
+            r["prompt"] = r[alt]
     out = []
     for i, r in enumerate(rows):
         case = r.get("case_number", "") or i
@@ -495,16 +418,15 @@ def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
 
 
 def write_prompts(path: str, rows: list[dict]) -> None:
-    columns = ["case_number", "prompt", "evaluation_seed"]
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    atomic_write(path, lambda f: _write_csv(f, columns, rows), mode="w")
+    """A prompt file of `rows`: case_number, prompt, evaluation_seed, then the rows' other columns."""
+    columns = list(dict.fromkeys(["case_number", "prompt", "evaluation_seed", *(k for r in rows for k in r)]))
 
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
-def _write_csv(f, columns, rows):
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+    atomic_write(path, write)
 
 
 def atomic_write(path: str, write_fn, mode: str = "w") -> None:
@@ -513,7 +435,7 @@ def atomic_write(path: str, write_fn, mode: str = "w") -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
     try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as f:
             write_fn(f)
         os.replace(tmp, path)
     except BaseException:
@@ -526,18 +448,13 @@ def save_json(path: str, obj) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
+def save_png(path: str, image: Image.Image) -> None:
+    atomic_write(path, lambda f: image.save(f, format="PNG"), mode="wb")
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier(device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if dist_info()[1] > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        dist.barrier()
 
 
 def generate(
@@ -555,13 +472,11 @@ def generate(
 ) -> str:
     """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`.
 
-    Image k of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM, `steps` steps, guidance
-    `guidance`). Images are sampled in fixed batches of `batch_size` consecutive (row, k) pairs, and batch j goes to
-    rank j mod N under `torchrun --nproc_per_node N`: a batch's composition never depends on N or on what is already
-    written, so 1 and N processes, and a resumed run, write bit-identical files (batched matmuls round differently
-    for different batch compositions). A batch whose files all exist is skipped; a partly written one is sampled
-    again and only its missing files are written. `generation.json` records the settings; resuming with other
-    settings is an error. With `t_init` the UNet is a one-step generator (see `one_step`).
+    Image k of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM; one step with `t_init`). The
+    (row, k) pairs are cut into fixed batches of `batch_size`, batch j going to rank j mod N under torchrun: batched
+    matmuls round differently for other batch compositions, so this makes 1 and N processes, and a resumed run,
+    write bit-identical files. A batch whose files all exist is skipped, a partly written one sampled again for its
+    missing files. `generation.json` records the settings; resuming with other settings is an error.
     """
     if n_per_prompt < 1 or steps < 1 or batch_size < 1:
         raise UsageError(f"n_per_prompt, steps and batch_size must be >= 1 (got {n_per_prompt}, {steps}, {batch_size})")
@@ -589,44 +504,29 @@ def generate(
     if rank == 0:
         save_json(settings_path, settings)
         write_prompts(os.path.join(out_dir, "prompts.csv"), rows)
-    items = [(r, k) for r in rows for k in range(n_per_prompt)]
+    items = [(r, k, os.path.join(out_dir, f"{r['case_number']}_{k}.png")) for r in rows for k in range(n_per_prompt)]
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)][rank::world]
-
-    def path_of(r, k):
-        return os.path.join(out_dir, f"{r['case_number']}_{k}.png")
-
-    todo = [b for b in batches if not all(os.path.exists(path_of(r, k)) for r, k in b)]
-    bar = tqdm(
-        total=sum(len(b) for b in todo), desc=f"generate{f' rank {rank}' if world > 1 else ''}", disable=not progress
-    )
+    todo = [b for b in batches if not all(os.path.exists(path) for _, _, path in b)]
+    desc = f"generate rank {rank}" if world > 1 else "generate"
+    bar = tqdm(total=sum(len(b) for b in todo), desc=desc, disable=not progress)
     for chunk in todo:
-        cond = encode_prompts(model, [r["prompt"] for r, _ in chunk])
+        cond = encode_prompts(model, [r["prompt"] for r, _, _ in chunk])
+        z_T = initial_latents(model, [r["evaluation_seed"] + k for r, k, _ in chunk])
         with torch.no_grad(), autocast(model.device, model.dtype):
-            z = sample(
-                model,
-                cond,
-                initial_latents(model, [r["evaluation_seed"] + k for r, k in chunk]),
-                steps,
-                guidance,
-                unet=unet,
-                t_init=t_init,
-            )
-        for (r, k), img in zip(chunk, decode(model, z)):
-            if not os.path.exists(path_of(r, k)):
-                atomic_write(path_of(r, k), lambda f, img=img: Image.fromarray(img).save(f, format="PNG"), mode="wb")
+            z = sample(model, cond, z_T, steps, guidance, unet=unet, t_init=t_init)
+        for (_, _, path), img in zip(chunk, decode(model, z)):
+            if not os.path.exists(path):
+                save_png(path, Image.fromarray(img))
         bar.update(len(chunk))
     bar.close()
-    _barrier(model.device)
+    if world > 1:  # every process's images are written before any process returns
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
+        dist.barrier()
     return out_dir
 
 
 # ---------------------------------------------------------------- concepts -> prompts
-
-
-def _read_prompt_column(path: str) -> list[str]:
-    return [r["prompt"] for r in read_prompts(path)]
-
-
 def imagenette_class(concept: str) -> str | None:
     """The Imagenette class a concept names ("church", "chain_saw", "English springer"), or None."""
     key = concept.replace("_", " ").lower()
@@ -634,95 +534,71 @@ def imagenette_class(concept: str) -> str | None:
 
 
 def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
-    """Forget and retain prompts for a concept.
-
-    - an Imagenette class: forget "an image of a {class}", retain the other nine classes (data/prompts/imagenette.csv);
-    - "nudity": forget the prompts of data/prompts/nudity.csv, retain data/prompts/nudity_retain.csv;
-    - any other text: forget a few templates around it; retain prompts must come from `retain_file`.
-    `retain_file` (a prompt file) replaces the default retain prompts in every case.
-    """
+    """Forget and retain prompts for a concept: an Imagenette class forgets "an image of a {class}" and retains the
+    other nine (data/prompts/imagenette.csv); "nudity" uses data/prompts/nudity.csv and nudity_retain.csv; other text
+    forgets a few templates around it and needs `retain_file`, which replaces the default retain prompts in any case."""
     if not concept or not concept.strip():
         raise UsageError("empty --concept; give an Imagenette class (e.g. church), nudity, or a free-text concept")
+    prompts_of = lambda path: [r["prompt"] for r in read_prompts(path)]
     cls = imagenette_class(concept)
     if cls is not None:
         rows = read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))
         forget = [r["prompt"] for r in rows if r["class"] == cls]
         retain = [r["prompt"] for r in rows if r["class"] != cls]
-        out = dict(
-            concept=cls, kind="class", forget=forget, retain=retain, retain_classes=[c for c in IMAGENETTE if c != cls]
-        )
+        kept = [c for c in IMAGENETTE if c != cls]
+        out = dict(concept=cls, kind="class", forget=forget, retain=retain, retain_classes=kept)
     elif concept.lower() == "nudity":
-        out = dict(
-            concept="nudity",
-            kind="nudity",
-            forget=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity.csv")),
-            retain=_read_prompt_column(os.path.join(PROMPTS_DIR, "nudity_retain.csv")),
-            retain_classes=[],
+        forget = prompts_of(os.path.join(PROMPTS_DIR, "nudity.csv"))
+        retain = prompts_of(os.path.join(PROMPTS_DIR, "nudity_retain.csv"))
+        out = dict(concept="nudity", kind="nudity", forget=forget, retain=retain, retain_classes=[])
+    elif retain_file is None:
+        raise UsageError(
+            f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
+            f"'nudity': give its retain prompts with --retain_prompts FILE"
         )
     else:
-        if retain_file is None:
-            raise UsageError(
-                f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
-                f"'nudity': give its retain prompts with --retain_prompts FILE"
-            )
         templates = ["an image of {c}", "a photo of {c}", "a painting of {c}", "{c}"]
-        out = dict(
-            concept=concept, kind="free", forget=[t.format(c=concept) for t in templates], retain=[], retain_classes=[]
-        )
+        forget = [t.format(c=concept) for t in templates]
+        out = dict(concept=concept, kind="free", forget=forget, retain=[], retain_classes=[])
     if retain_file is not None:
-        out["retain"] = _read_prompt_column(retain_file)
+        out["retain"] = prompts_of(retain_file)
     if not out["forget"] or not out["retain"]:
         raise UsageError(f"concept {concept!r} has no {'forget' if not out['forget'] else 'retain'} prompts")
     return out
 
 
 # ---------------------------------------------------------------- run folders, checkpoints, weights
-
-
 def versions() -> dict:
     import diffusers
     import transformers
 
-    return dict(
-        python=platform.python_version(),
-        torch=torch.__version__,
-        diffusers=diffusers.__version__,
-        transformers=transformers.__version__,
-        numpy=np.__version__,
-    )
+    packages = (torch, diffusers, transformers, np)
+    return dict(python=platform.python_version(), **{p.__name__: p.__version__ for p in packages})
 
 
 def git_commit() -> str | None:
+    """This repository's HEAD, with "-dirty" when a tracked file has changed; None outside git."""
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=5)
     try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def run_dir_name(method: str, concept: str, seed: int) -> str:
-    return f"{method}__{concept.replace(' ', '_')}__s{seed}"
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
 
 
 def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
     """Create (or, with --resume, reopen) the run folder and write args.json with every resolved setting."""
-    run = args.out_dir or os.path.join("runs", run_dir_name(method, args.concept, args.seed))
-    if os.path.exists(os.path.join(run, "args.json")) and not args.resume:
-        if os.path.exists(os.path.join(run, "checkpoint")) or os.path.exists(os.path.join(run, "unet")):
-            raise UsageError(
-                f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to "
-                f"choose another folder"
-            )
+    run = args.out_dir or os.path.join("runs", f"{method}__{args.concept.replace(' ', '_')}__s{args.seed}")
+    trained = os.path.exists(os.path.join(run, "checkpoint")) or os.path.exists(os.path.join(run, "unet"))
+    if os.path.exists(os.path.join(run, "args.json")) and trained and not args.resume:
+        raise UsageError(
+            f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to choose another "
+            "folder"
+        )
     os.makedirs(run, exist_ok=True)
     record = dict(
         method=method,
-        args={k: v for k, v in vars(args).items()},
+        args=dict(vars(args)),
         base_model=model.path if model.world == "sd" else "tiny",
         world=model.world,
         versions=versions(),
@@ -736,44 +612,34 @@ def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
 
 def log_metrics(run: str, step: int, values: dict) -> None:
     """Append one line to metrics.jsonl (flushed and synced, so a crash loses at most the line being written)."""
+    line = {"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}}
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
-        f.write(
-            json.dumps({"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}}) + "\n"
-        )
+        f.write(json.dumps(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-    old = final + ".old"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
+def _write_dir(path: str, write_fn) -> None:
+    """Write a folder atomically: `write_fn(tmp)` fills the sibling folder tmp, which then replaces `path`."""
+    tmp, old = path + ".tmp", path + ".old"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    write_fn(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
     if os.path.exists(old):
-        import shutil
-
         shutil.rmtree(old)
 
 
 def save_unet(unet, path: str) -> None:
-    """Save a UNet in diffusers format (safetensors), atomically: write a sibling folder, then swap it in."""
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        import shutil
-
-        shutil.rmtree(tmp)
-    unet.save_pretrained(tmp, safe_serialization=True)
-    _replace_dir(tmp, path)
+    """Save a UNet in diffusers format (safetensors), atomically."""
+    _write_dir(path, lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
 
 
 def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra: dict | None = None) -> None:
-    """Everything `--resume` needs, as safetensors + JSON in run/checkpoint/ (swapped in atomically).
-
-    modules: name -> nn.Module (state dicts); optimizers: name -> torch optimizer; extra: JSON-able values.
-    The torch and numpy RNG states are saved too, so a resumed run continues the same random stream.
-    """
-    from safetensors.torch import save_file
-
+    """Everything --resume needs, atomically, as safetensors + JSON in run/checkpoint/: modules (name -> nn.Module),
+    optimizers (name -> torch optimizer), `extra` (JSON-able values) and the torch and numpy RNG states."""
     tensors, meta = {}, dict(step=step, extra=extra or {}, optimizers={})
     for name, m in modules.items():
         for k, v in m.state_dict().items():
@@ -789,23 +655,19 @@ def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra:
                     meta["optimizers"][name]["scalars"][f"{pid}.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
     meta["rng_numpy"] = np.random.get_state()[1].tolist()
-    meta["rng_python"] = repr(random.getstate())
-    tmp = os.path.join(run, "checkpoint.tmp")
-    os.makedirs(tmp, exist_ok=True)
-    save_file(tensors, os.path.join(tmp, "state.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(meta, f)
-    _replace_dir(tmp, os.path.join(run, "checkpoint"))
+
+    def write(folder):
+        os.makedirs(folder)
+        save_file(tensors, os.path.join(folder, "state.safetensors"))
+        with open(os.path.join(folder, "state.json"), "w") as f:
+            json.dump(meta, f)
+
+    _write_dir(os.path.join(run, "checkpoint"), write)
 
 
 def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple = ()) -> dict:
-    """Restore what save_checkpoint wrote; returns {"step", "extra", "absent"}. Truncates metrics.jsonl to that step.
-
-    A module named in `optional` may be missing from the checkpoint (it is left as it is and listed in "absent");
-    any other missing module is an error.
-    """
-    from safetensors.torch import load_file
-
+    """Restore what save_checkpoint wrote and truncate metrics.jsonl to its step; returns {"step", "extra", "absent"}.
+    A module named in `optional` may be missing from the checkpoint (it is left as it is and listed in "absent")."""
     folder = os.path.join(run, "checkpoint")
     if not os.path.exists(os.path.join(folder, "state.json")):
         raise UsageError(f"--resume: {run!r} has no checkpoint to resume from")
@@ -815,26 +677,22 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple =
     for name, m in modules.items():
         prefix = f"module.{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not state and name in optional:
+        if state:
+            m.load_state_dict(state)
+        elif name in optional:
             absent.append(name)
-            continue
-        if not state:
+        else:
             raise UsageError(
                 f"--resume: the checkpoint in {run!r} has no {name!r} state; resume with the flags the run was started "
                 "with (its args.json)"
             )
-        m.load_state_dict(state)
     for name, opt in optimizers.items():
-        om = meta["optimizers"][name]
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith(f"opt.{name}."):
-                pid, key = k[len(f"opt.{name}.") :].split(".", 1)
-                state.setdefault(int(pid), {})[key] = v
-        for k, v in om["scalars"].items():
+        prefix, saved, state = f"opt.{name}.", meta["optimizers"][name], {}
+        stored = [(k[len(prefix) :], v) for k, v in tensors.items() if k.startswith(prefix)]
+        for k, v in stored + list(saved["scalars"].items()):  # keys "{param id}.{state key}"
             pid, key = k.split(".", 1)
             state.setdefault(int(pid), {})[key] = v
-        opt.load_state_dict(dict(state=state, param_groups=om["param_groups"]))
+        opt.load_state_dict(dict(state=state, param_groups=saved["param_groups"]))
     torch.set_rng_state(tensors["rng.torch"])
     np_state = np.random.get_state()
     np.random.set_state((np_state[0], np.array(meta["rng_numpy"], dtype=np.uint32), *np_state[2:]))
@@ -845,100 +703,21 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple =
     return dict(step=meta["step"], extra=meta["extra"], absent=absent)
 
 
-class TinyJudge:
-    """The tiny world's UA/RA judge, data/tiny-classifier (as ImageNet ResNet-50 is Stable Diffusion's), with its
-    image processor: `TinyJudge()(images)` gives the 10 classes' logits of uint8 images (n, H, W, 3); `config` holds
-    id2label and label2id."""
-
-    def __init__(self):
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        path = os.path.join(ROOT, "data", "tiny-classifier")
-        self.model = AutoModelForImageClassification.from_pretrained(path).eval()
-        self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
-        self.config = self.model.config
-
-    def __call__(self, images) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(**self.processor(images=list(images), return_tensors="pt")).logits
-
-
-def tiny_judge_accuracies(
-    model: Model, unets: list, classes: list[str], n: int, t_init: int | None = None
-) -> list[dict]:
-    """Per UNet, the tiny judge's (data/tiny-classifier) top-1 accuracy on n images per class: prompt "an image of a
-    {class}", the evaluation seeds of data/prompts/imagenette.csv, 25 DDIM steps, guidance 7.5 (with `t_init`: one
-    step, the UNets are one-step generators). A quick check of forgetting for tests and sweeps; eval.py gives the full
-    metrics. Returns [{class: accuracy}, ...]."""
-    judge = TinyJudge()
-    rows = {r["class"]: r for r in read_prompts(os.path.join(PROMPTS_DIR, "imagenette.csv"))}
-    cond = encode_prompts(model, [rows[c]["prompt"] for c in classes for _ in range(n)])
-    z_T = initial_latents(model, [rows[c]["evaluation_seed"] + k for c in classes for k in range(n)])
-    labels = torch.tensor([judge.config.label2id[c] for c in classes for _ in range(n)])
-    out = []
-    for unet in unets:
-        with torch.no_grad(), autocast(model.device, model.dtype):
-            images = decode(model, sample(model, cond, z_T, steps=25, guidance=7.5, unet=unet, t_init=t_init))
-            pred = judge(images).argmax(-1)
-        ok = (pred == labels).float().reshape(len(classes), n).mean(1)
-        out.append(dict(zip(classes, ok.tolist())))
-    return out
-
-
+# ---------------------------------------------------------------- timing and checks
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on the CPU), so that wall-clock timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def unet_pass_seconds(model: Model, passes: list, repeats: int = 3, warmup: bool = True) -> float:
-    """Wall time of the UNet calls one training step makes, alone: the denominator of a step's efficiency.
-
-    passes: [(unet, batch, backward), ...]; a pass with backward=True is a forward and a backward through a trained
-    (fp32, autocast) UNet, the others a no-grad forward of a frozen one. Inputs are random tensors of the model's
-    latent and text-state shapes. Gradients it leaves on trained parameters are cleared. Time per step divided by
-    this is the step's overhead factor (1.0 = nothing but UNet passes).
-    """
-    length, width = model.tokenizer.model_max_length, model.text_encoder.config.hidden_size
-    gen = torch.Generator().manual_seed(0)
-    inputs = [
-        (
-            torch.randn(n, *model.latent_shape, generator=gen).to(model.device),
-            torch.randint(0, model.scheduler.config.num_train_timesteps, (n,), generator=gen).to(model.device),
-            torch.randn(n, length, width, generator=gen).to(model.device),
-        )
-        for _, n, _ in passes
-    ]
-
-    def run():
-        for (unet, _, backward), (x, t, c) in zip(passes, inputs):
-            dtype = next(unet.parameters()).dtype
-            with autocast(model.device, model.dtype), torch.set_grad_enabled(backward):
-                out = unet(x.to(dtype), t, c.to(dtype)).sample
-            if backward:
-                out.float().square().mean().backward()
-        sync(model.device)
-
-    if warmup:
-        run()  # allocations, kernel selection
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    seconds = (time.perf_counter() - t0) / repeats
-    for unet, _, backward in passes:
-        if backward:
-            for p in unet.parameters():
-                p.grad = None
-    return seconds
-
-
 class UNetPassClock:
-    """The denominator of a step's efficiency, timed while the run trains, between its steps.
+    """The denominator of a step's efficiency: the time of the UNet calls a step makes, alone, measured between the
+    run's steps, under the same load of the machine. Time per step / this = the overhead factor (1.0 = only UNets).
 
-    pass_sets: {name: passes} (see unet_pass_seconds), e.g. one set per kind of step. About `samples` times per run
-    (every steps // samples steps) `tick` times one repetition of every set, outside the step's own timing; `seconds`
-    is a set's mean. Timed only once at the end of a run, the ratio swung from 0.4 to 1.4 when other jobs shared the
-    CPU: the step and its UNet passes must be timed under the same load. Costs about 1/samples of the UNet time.
+    pass_sets: {name: [(unet, batch, backward), ...]}. A pass with backward=True is a forward and a backward through a
+    trained (fp32, autocast) UNet, the others a no-grad forward of a frozen one, on random inputs; the gradients it
+    leaves are cleared. `tick` times every set every steps // samples steps (about 1/samples of the UNet time);
+    `seconds` is a set's mean.
     """
 
     def __init__(self, model: Model, pass_sets: dict, steps: int, samples: int = 10):
@@ -951,15 +730,42 @@ class UNetPassClock:
         if step % self.every == 0:
             self.measure()
 
-    def measure(self) -> None:
-        for name, passes in self.pass_sets.items():
-            first = not self.times[name]
-            self.times[name].append(unet_pass_seconds(self.model, passes, repeats=1, warmup=first))
-
     def seconds(self, name: str) -> float:
         if not self.times[name]:  # no step ran in this process (e.g. resumed at the end): time them now
             self.measure()
         return sum(self.times[name]) / len(self.times[name])
+
+    def measure(self) -> None:
+        for name, passes in self.pass_sets.items():
+            self.times[name].append(self.time(passes, warmup=not self.times[name]))
+
+    def time(self, passes: list, warmup: bool) -> float:
+        """Seconds of one run of `passes`, after an untimed one with `warmup` (allocations, kernel selection)."""
+        m, gen, inputs = self.model, torch.Generator().manual_seed(0), []
+        for _, n, _ in passes:  # x_t, t and text states of the model's shapes
+            x = torch.randn(n, *m.latent_shape, generator=gen)
+            t = torch.randint(0, m.scheduler.config.num_train_timesteps, (n,), generator=gen)
+            c = torch.randn(n, m.tokenizer.model_max_length, m.text_encoder.config.hidden_size, generator=gen)
+            inputs.append((x.to(m.device), t.to(m.device), c.to(m.device)))
+
+        def run():
+            for (unet, _, backward), (x, t, c) in zip(passes, inputs):
+                dtype = next(unet.parameters()).dtype
+                with autocast(m.device, m.dtype), torch.set_grad_enabled(backward):
+                    out = unet(x.to(dtype), t, c.to(dtype)).sample
+                if backward:
+                    out.float().square().mean().backward()
+            sync(m.device)
+
+        if warmup:
+            run()
+        t0 = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - t0
+        for unet, _, backward in passes:
+            if backward:
+                unet.zero_grad(set_to_none=True)
+        return seconds
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -968,7 +774,7 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
@@ -987,54 +793,37 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 
 
 # ---------------------------------------------------------------- sample grid
-
-
 @torch.no_grad()
 def sample_grid(
-    model: Model,
-    unets: list,
-    prompts: list[str],
-    path: str,
-    n: int = 4,
-    steps: int = 25,
-    guidance: float = 7.5,
-    seed: int = 0,
-    t_init: int | None = None,
-    labels: list[str] | None = None,
-) -> None:
-    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds.
-    A header names each UNet's column block (`labels`; default "before", "after" for two UNets) and each row starts
-    with its prompt. With `t_init` the UNets are one-step generators (see `one_step`)."""
+    model, unets: list, prompts: list, path: str, n=4, steps=25, guidance=7.5, seed=0, t_init=None, labels=None
+):
+    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds,
+    under a header of `labels` (default "before", "after" for two UNets). With `t_init` the UNets are one-step
+    generators (see `one_step`)."""
     if labels is None:
         labels = ["before", "after"] if len(unets) == 2 else [f"model {i}" for i in range(len(unets))]
     if len(labels) != len(unets):
         raise UsageError(f"sample_grid: {len(labels)} labels for {len(unets)} UNets")
     cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
     z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
+    h, gap = model.resolution, max(2, model.resolution // 8)  # image side, white separator between UNets
     blocks = []
     for unet in unets:
         with autocast(model.device, model.dtype):
             imgs = decode(model, sample(model, cond, z_T, steps, guidance, unet=unet, t_init=t_init))
-        h = imgs.shape[1]
-        blocks.append(
-            imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4).reshape(len(prompts) * h, n * h, 3)
-        )
-        blocks.append(np.full((len(prompts) * h, max(2, h // 8), 3), 255, np.uint8))  # white separator
+        rows = imgs.reshape(len(prompts), n, h, h, 3).transpose(0, 2, 1, 3, 4)
+        blocks += [rows.reshape(len(prompts) * h, n * h, 3), np.full((len(prompts) * h, gap, 3), 255, np.uint8)]
     grid = np.concatenate(blocks[:-1], axis=1)
-    scale = max(1, 128 // grid.shape[0] * 2) if grid.shape[0] < 256 else 1
-    img = Image.fromarray(grid)
-    if scale > 1:
-        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
-    block, gap = n * h * scale, max(2, h // 8) * scale  # one UNet's columns and the separator, in output pixels
-    img = label_grid(img, labels, [i * (block + gap) + block / 2 for i in range(len(unets))], prompts, h * scale)
-    atomic_write(path, lambda f: img.save(f, format="PNG"), mode="wb")
+    scale = max(1, 128 // grid.shape[0] * 2)  # small grids are upscaled for viewing
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+    block = n * h * scale  # one UNet's columns, in output pixels
+    centers = [i * (block + gap * scale) + block / 2 for i in range(len(unets))]
+    save_png(path, label_grid(img, labels, centers, prompts, h * scale))
 
 
 def label_grid(img: Image.Image, col_labels: list[str], col_centers: list[float], row_labels: list[str], row_h: int):
     """`img` with a white header holding each column label (centred at `col_centers`, in img's pixels) and a white
     left margin holding each row's label (rows of `row_h` pixels, wrapped and cut to fit), in PIL's default font."""
-    from PIL import ImageDraw, ImageFont
-
     try:
         font = ImageFont.load_default(size=max(10, row_h // 6))
     except TypeError:  # Pillow < 10.1: one fixed-size bitmap font

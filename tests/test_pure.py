@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, judge_accuracies
 
 import common
 import pure
@@ -350,7 +350,7 @@ def test_forgets_church_and_keeps_the_other_classes(tiny_sd, tmp_path):
     run = pure.main(pure.parse_args(["--concept", "church", "--out_dir", str(tmp_path / "run")]))
     model = common.load_model(tiny_sd, device="cpu")
     trained = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
-    before, after = common.tiny_judge_accuracies(model, [model.unet, trained], ["church", *KEPT_CLASSES], n=16)
+    before, after = judge_accuracies(model, [model.unet, trained], ["church", *KEPT_CLASSES], n=16)
     print(f"judge accuracy before {before}, after {after}")
     assert min(before.values()) >= 0.75, f"the base model's images are not recognised ({before}): cannot judge"
     assert after["church"] <= 0.1, f"church was not forgotten: {before['church']:.2f} -> {after['church']:.2f}"

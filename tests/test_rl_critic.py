@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, judge_accuracies
 
 import common
 import rl_critic
@@ -402,7 +402,7 @@ def test_ten_iterations_mostly_forget_church_and_keep_the_other_classes(tiny_sd,
     model = common.load_model(tiny_sd, device="cpu")
     trained = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
     classes = [r["class"] for r in common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))]
-    before, after = common.tiny_judge_accuracies(model, [model.unet, trained], classes, n=16)
+    before, after = judge_accuracies(model, [model.unet, trained], classes, n=16)
     print(f"judge accuracy before {before}, after {after}")
     others = [c for c in classes if c != "church"]
     kept_before, kept_after = (sum(acc[c] for c in others) / len(others) for acc in (before, after))
