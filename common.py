@@ -2,8 +2,7 @@
 
 Loading a model, prompt encoding, classifier-free guidance, the DDIM step and sampler, `generate` (a prompt file into
 an image folder, identical under 1 or N torchrun processes), run folders (args.json, metrics.jsonl, atomic writes,
-checkpoints for --resume, the trained UNet), ESD's parameter selector, concept -> prompts, step timing, sample grids.
-"""
+checkpoints for --resume, the trained UNet), ESD's parameter selector, concept -> prompts, step timing, sample grids."""
 
 import argparse
 import copy
@@ -33,17 +32,9 @@ TINY = os.path.join(ROOT, "data", "tiny-sd")
 PROMPTS_DIR = os.path.join(ROOT, "data", "prompts")
 SD_IDS = ["CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
 IMAGENET_INDEX = {  # the ten Imagenette classes and their ImageNet class indices
-    "tench": 0,
-    "English springer": 217,
-    "cassette player": 482,
-    "chain saw": 491,
-    "church": 497,
-    "French horn": 566,
-    "garbage truck": 569,
-    "gas pump": 571,
-    "golf ball": 574,
-    "parachute": 701,
-}
+    "tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491, "church": 497, "French horn": 566,
+    "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701,
+}  # fmt: skip
 IMAGENETTE = list(IMAGENET_INDEX)
 
 
@@ -67,7 +58,6 @@ def cli(main, args) -> None:
         sys.exit(2)
 
 
-# ---------------------------------------------------------------- device, dtype, seeding
 def resolve_device(device: str | None) -> torch.device:
     """`None`/"auto" -> CUDA (this process's LOCAL_RANK under torchrun) when available, else CPU."""
     if device in (None, "auto"):
@@ -83,25 +73,20 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-# No fp16: it needs a GradScaler for the fp32 trained weights; bf16 (same memory, fp32's range) does not.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """Dtype of the frozen models: "auto" = bf16 on CUDA, fp32 elsewhere."""
+    """Dtype of the frozen models: "auto" = bf16 on CUDA, fp32 elsewhere (no fp16: it would need a GradScaler)."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}; accepted: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise UsageError(f"unknown --dtype {dtype!r}; accepted: auto, {', '.join(dtypes)}")
+    return dtypes[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16 autocast for bf16 models, on CUDA and the CPU alike (a CPU run in bf16 is the GPU user's regime): matmuls
     and convolutions run in bf16 while trained weights stay fp32. A no-op for fp32."""
-    if dtype == torch.bfloat16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -110,7 +95,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------- loading
 @dataclasses.dataclass
 class Model:
     """A loaded Stable Diffusion model: its diffusers components and where they came from."""
@@ -138,8 +122,7 @@ class Model:
 
     @property
     def latent_shape(self) -> tuple:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        return (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
 
 
 def is_tiny(path: str) -> bool:
@@ -147,8 +130,7 @@ def is_tiny(path: str) -> bool:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+    return name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "~")) and " " not in name
 
 
 def _load_unet(path: str, unet_path: str | None, dtype: torch.dtype):
@@ -171,17 +153,13 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
     path = TINY if name == "tiny" else name
     local = os.path.isdir(path)
     if not local and not looks_like_hub_id(path):
-        raise UsageError(
-            f"model folder {path!r} does not exist; use --model tiny for the embedded model, or a hub id "
-            f"such as {SD_IDS[0]}"
-        )
-    if local:
-        for part in ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
-            if not os.path.exists(os.path.join(path, part)):
-                raise UsageError(
-                    f"model folder {path!r} is not a diffusers Stable Diffusion folder: it has no {part!r} "
-                    f"(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-                )
+        hint = f"use --model tiny for the embedded model, or a hub id such as {SD_IDS[0]}"
+        raise UsageError(f"model folder {path!r} does not exist; {hint}")
+    for part in ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
+        if local and not os.path.exists(os.path.join(path, part)):
+            not_sd = f"model folder {path!r} is not a diffusers Stable Diffusion folder"
+            expected = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+            raise UsageError(f"{not_sd}: it has no {part!r} (expected {expected})")
     if unet_path and not os.path.isfile(os.path.join(unet_path, "config.json")):
         raise UsageError(f"UNet folder {unet_path!r} has no config.json (expected a diffusers UNet folder)")
     try:
@@ -192,10 +170,8 @@ def load_model(name: str = "tiny", device=None, dtype=None, unet_path: str | Non
         unet = _load_unet(path, unet_path, dtype)
     except Exception as e:  # noqa: BLE001 -- hub and IO failures come as many types (OSError, ValueError, ImportError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hub_hint = (
-            "; for a hub id you need network access once (then HF_HUB_OFFLINE=1 uses the cache), or use --model tiny "
-            "for the embedded model"
-        )
+        offline = "network access once (then HF_HUB_OFFLINE=1 uses the cache)"
+        hub_hint = f"; for a hub id you need {offline}, or use --model tiny for the embedded model"
         raise UsageError(f"could not load model {name!r}: {first}{'' if local else hub_hint}") from e
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
@@ -216,11 +192,9 @@ def trainable_unet(model: Model, gradient_checkpointing: bool = False) -> torch.
 
 
 def select_params(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
-    """ESD's parameter groups (Gandikota et al. 2023), by diffusers names; sets requires_grad accordingly.
-
-    full: every parameter; xattn: cross-attention (attn2); xattn-kv: cross-attention to_k/to_v only (f-DMU's choice);
-    noxattn: everything except cross-attention and the time embedding (ESD's choice for objects and nudity).
-    """
+    """ESD's parameter groups (Gandikota et al. 2023), by diffusers names; sets requires_grad accordingly. full: every
+    parameter; xattn: cross-attention (attn2); xattn-kv: cross-attention to_k/to_v only (f-DMU's choice); noxattn:
+    everything except cross-attention and the time embedding (ESD's choice for objects and nudity)."""
     rules = {
         "full": lambda n: True,
         "xattn": lambda n: "attn2." in n,
@@ -237,7 +211,6 @@ def select_params(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]
     return chosen
 
 
-# ---------------------------------------------------------------- prompts, the denoising step, the sampler
 @torch.no_grad()
 def encode_prompts(model: Model, prompts: list[str]) -> torch.Tensor:
     """Text-encoder states (N, L, D) for prompts, as StableDiffusionPipeline computes them; cached per prompt."""
@@ -278,13 +251,10 @@ def ddim_timesteps(scheduler, steps: int) -> list[int]:
 
 
 def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: int, eta=0.0, generator=None, prev=None):
-    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), same arithmetic as diffusers' DDIMScheduler.step.
-
-    With eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws
-    `prev` from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob), the
-    log-density summed over all but the batch dimension (DDPO's form; None when eta = 0). In fp32 at least (fp64
-    stays fp64): 0-d fp32 tensors would not promote a bf16 eps.
-    """
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), as diffusers' DDIMScheduler.step computes it. With
+    eta > 0 the step is Gaussian N(mu, s^2 I), s = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)); it draws `prev`
+    from `generator` unless `prev` is given (to re-score a stored step). Returns (x_prev, log_prob), the log-density
+    summed over non-batch dims (DDPO's; None if eta = 0). In fp32 at least: 0-d fp32 tensors don't promote bf16 eps."""
     dt = torch.promote_types(torch.promote_types(eps.dtype, x_t.dtype), torch.float32)
     eps, x_t = eps.to(dt), x_t.to(dt)
     prev = prev.to(dt) if prev is not None else None
@@ -301,8 +271,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: in
     if eta == 0:
         return mean, None
     if prev is None:
-        noise = torch.randn(x_t.shape, generator=generator, device="cpu").to(x_t.device, dt)
-        prev = mean + std * noise
+        prev = mean + std * torch.randn(x_t.shape, generator=generator, device="cpu").to(x_t.device, dt)
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return prev, log_prob.sum(dim=tuple(range(1, x_t.ndim)))
 
@@ -310,31 +279,17 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, steps: in
 @torch.no_grad()
 def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
     """x_T for each seed, fp32, drawn on the CPU (device-independent) as the pipeline does with CPU generators."""
-    shape = (1, *model.latent_shape)
-    z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    z = [torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.cat(z).to(model.device)
 
 
-def sample(
-    model: Model,
-    cond: torch.Tensor,
-    latents: torch.Tensor,
-    steps: int = 25,
-    guidance: float = 7.5,
-    eta: float = 0.0,
-    unet=None,
-    generator=None,
-    return_trajectory: bool = False,
-    t_init: int | None = None,
-    run_till: int | None = None,
-):
+def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps=25, guidance=7.5, eta=0.0, unet=None,
+           generator=None, return_trajectory=False, t_init=None, run_till=None):  # fmt: skip
     """DDIM sampling, in fp32, from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
-
     Returns x_0 latents, or with `run_till` k the state after the first k steps (ESD's partial sampling), or with
     `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs` (T, N) (eta > 0) and `timesteps`
     (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a one-step generator (SFD/SiD):
-    `one_step` replaces the DDIM loop, and steps and guidance are not used.
-    """
+    `one_step` replaces the DDIM loop, and steps and guidance are not used."""
     unet = unet or model.unet
     if t_init is not None:
         return one_step(model, unet, cond, latents, t_init)
@@ -379,17 +334,14 @@ def encode_images(model: Model, images: np.ndarray, generator=None) -> torch.Ten
     return model.vae.encode(x).latent_dist.sample(generator) * model.vae.config.scaling_factor
 
 
-# ---------------------------------------------------------------- files: prompts, atomic writes, image folders
-def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
+def read_prompts(path: str) -> list[dict]:
     """Rows of a prompt file (`case_number,prompt,evaluation_seed[,class][,...]`; extra columns kept). Also accepted:
-    `sd_seed` for the seed (I2P), `caption` or `text` for the prompt and no `case_number` (COCO captions); a missing
-    seed becomes `default_seed + case_number`."""
+    `sd_seed` (I2P), `caption` or `text` for the prompt and no `case_number` (COCO); a missing seed = case_number."""
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path!r} does not exist")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = reader.fieldnames or []
+        rows, columns = list(reader), reader.fieldnames or []
     if "prompt" not in columns:
         alt = next((c for c in ("caption", "text") if c in columns), None)
         if alt is None:
@@ -398,16 +350,13 @@ def read_prompts(path: str, default_seed: int = 0) -> list[dict]:
             r["prompt"] = r[alt]
     out = []
     for i, r in enumerate(rows):
-        case = r.get("case_number", "") or i
+        column, value = "case_number", r.get("case_number", "") or i
         try:
-            case = int(case)
+            case = int(value)
+            column, value = "evaluation_seed", r.get("evaluation_seed") or r.get("sd_seed") or case
+            seed = int(float(value))
         except ValueError:
-            raise UsageError(f"{path}: case_number {case!r} in row {i + 2} is not an integer") from None
-        seed = r.get("evaluation_seed") or r.get("sd_seed") or (default_seed + case)
-        try:
-            seed = int(float(seed))
-        except ValueError:
-            raise UsageError(f"{path}: evaluation_seed {seed!r} in row {i + 2} is not an integer") from None
+            raise UsageError(f"{path}: {column} {value!r} in row {i + 2} is not an integer") from None
         out.append({**r, "case_number": case, "evaluation_seed": seed, "prompt": r["prompt"] or ""})
     if not out:
         raise UsageError(f"prompt file {path!r} has no rows")
@@ -457,44 +406,24 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def generate(
-    model: Model,
-    prompt_file: str,
-    out_dir: str,
-    n_per_prompt: int = 1,
-    steps: int = 25,
-    guidance: float = 7.5,
-    batch_size: int = 64,
-    unet=None,
-    limit: int | None = None,
-    progress: bool = True,
-    t_init: int | None = None,
-) -> str:
-    """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`.
-
-    Image k of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM; one step with `t_init`). The
-    (row, k) pairs are cut into fixed batches of `batch_size`, batch j going to rank j mod N under torchrun: batched
-    matmuls round differently for other batch compositions, so this makes 1 and N processes, and a resumed run,
-    write bit-identical files. A batch whose files all exist is skipped, a partly written one sampled again for its
-    missing files. `generation.json` records the settings; resuming with other settings is an error.
-    """
+def generate(model: Model, prompt_file: str, out_dir: str, n_per_prompt=1, steps=25, guidance=7.5, batch_size=64,
+             progress=True, t_init=None) -> str:  # fmt: skip
+    """Images for every row of a prompt file into an image folder: `{case_number}_{k}.png` + `prompts.csv`. Image k
+    of a row is sampled from seed `evaluation_seed + k` (deterministic DDIM; one step with `t_init`). The (row, k)
+    pairs are cut into fixed batches of `batch_size`, batch j going to rank j mod N under torchrun: batched matmuls
+    round differently for other batch compositions, so this makes 1 and N processes, and a resumed run, write
+    bit-identical files. A batch whose files all exist is skipped, a partly written one sampled again for its missing
+    files. `generation.json` records the settings; resuming with other settings is an error."""
     if n_per_prompt < 1 or steps < 1 or batch_size < 1:
         raise UsageError(f"n_per_prompt, steps and batch_size must be >= 1 (got {n_per_prompt}, {steps}, {batch_size})")
-    rows = read_prompts(prompt_file)[:limit]
+    rows = read_prompts(prompt_file)
     rank, world = dist_info()
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(
-        model=model.path if not is_tiny(model.path) else "tiny",
-        unet="an in-memory UNet passed to generate()" if unet is not None else model.unet_path,
-        sampler="DDIM eta=0" if t_init is None else f"one step at t_init={t_init}",
-        steps=steps,
-        guidance=guidance,
-        n_per_prompt=n_per_prompt,
-        batch_size=batch_size,
-        resolution=model.resolution,
-        seed_rule="image k of a row uses seed evaluation_seed + k",
-        source=os.path.abspath(prompt_file),
-    )
+    name = model.path if not is_tiny(model.path) else "tiny"
+    sampler = "DDIM eta=0" if t_init is None else f"one step at t_init={t_init}"
+    settings = dict(model=name, unet=model.unet_path, sampler=sampler, steps=steps, guidance=guidance)
+    settings.update(n_per_prompt=n_per_prompt, batch_size=batch_size, resolution=model.resolution)
+    settings.update(seed_rule="image k of a row uses seed evaluation_seed + k", source=os.path.abspath(prompt_file))
     settings_path = os.path.join(out_dir, "generation.json")
     if os.path.exists(settings_path):
         old = json.load(open(settings_path))
@@ -508,17 +437,16 @@ def generate(
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)][rank::world]
     todo = [b for b in batches if not all(os.path.exists(path) for _, _, path in b)]
     desc = f"generate rank {rank}" if world > 1 else "generate"
-    bar = tqdm(total=sum(len(b) for b in todo), desc=desc, disable=not progress)
-    for chunk in todo:
-        cond = encode_prompts(model, [r["prompt"] for r, _, _ in chunk])
-        z_T = initial_latents(model, [r["evaluation_seed"] + k for r, k, _ in chunk])
-        with torch.no_grad(), autocast(model.device, model.dtype):
-            z = sample(model, cond, z_T, steps, guidance, unet=unet, t_init=t_init)
-        for (_, _, path), img in zip(chunk, decode(model, z)):
-            if not os.path.exists(path):
-                save_png(path, Image.fromarray(img))
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=sum(len(b) for b in todo), desc=desc, disable=not progress) as bar:
+        for chunk in todo:
+            cond = encode_prompts(model, [r["prompt"] for r, _, _ in chunk])
+            z_T = initial_latents(model, [r["evaluation_seed"] + k for r, k, _ in chunk])
+            with torch.no_grad(), autocast(model.device, model.dtype):
+                z = sample(model, cond, z_T, steps, guidance, t_init=t_init)
+            for (_, _, path), img in zip(chunk, decode(model, z)):
+                if not os.path.exists(path):
+                    save_png(path, Image.fromarray(img))
+            bar.update(len(chunk))
     if world > 1:  # every process's images are written before any process returns
         if not dist.is_initialized():
             dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
@@ -526,7 +454,6 @@ def generate(
     return out_dir
 
 
-# ---------------------------------------------------------------- concepts -> prompts
 def imagenette_class(concept: str) -> str | None:
     """The Imagenette class a concept names ("church", "chain_saw", "English springer"), or None."""
     key = concept.replace("_", " ").lower()
@@ -552,13 +479,10 @@ def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
         retain = prompts_of(os.path.join(PROMPTS_DIR, "nudity_retain.csv"))
         out = dict(concept="nudity", kind="nudity", forget=forget, retain=retain, retain_classes=[])
     elif retain_file is None:
-        raise UsageError(
-            f"concept {concept!r} is neither an Imagenette class ({', '.join(IMAGENETTE)}) nor "
-            f"'nudity': give its retain prompts with --retain_prompts FILE"
-        )
+        known = f"neither an Imagenette class ({', '.join(IMAGENETTE)}) nor 'nudity'"
+        raise UsageError(f"concept {concept!r} is {known}: give its retain prompts with --retain_prompts FILE")
     else:
-        templates = ["an image of {c}", "a photo of {c}", "a painting of {c}", "{c}"]
-        forget = [t.format(c=concept) for t in templates]
+        forget = [t.format(c=concept) for t in ["an image of {c}", "a photo of {c}", "a painting of {c}", "{c}"]]
         out = dict(concept=concept, kind="free", forget=forget, retain=[], retain_classes=[])
     if retain_file is not None:
         out["retain"] = prompts_of(retain_file)
@@ -567,7 +491,6 @@ def concept_prompts(concept: str, retain_file: str | None = None) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- run folders, checkpoints, weights
 def versions() -> dict:
     import diffusers
     import transformers
@@ -591,21 +514,13 @@ def init_run(args, method: str, model: Model, extra: dict | None = None) -> str:
     run = args.out_dir or os.path.join("runs", f"{method}__{args.concept.replace(' ', '_')}__s{args.seed}")
     trained = os.path.exists(os.path.join(run, "checkpoint")) or os.path.exists(os.path.join(run, "unet"))
     if os.path.exists(os.path.join(run, "args.json")) and trained and not args.resume:
-        raise UsageError(
-            f"run folder {run!r} already holds a run; pass --resume to continue it or --out_dir to choose another "
-            "folder"
-        )
+        hint = "pass --resume to continue it or --out_dir to choose another folder"
+        raise UsageError(f"run folder {run!r} already holds a run; {hint}")
     os.makedirs(run, exist_ok=True)
-    record = dict(
-        method=method,
-        args=dict(vars(args)),
-        base_model=model.path if model.world == "sd" else "tiny",
-        world=model.world,
-        versions=versions(),
-        git_commit=git_commit(),
-        command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        **(extra or {}),
-    )
+    base_model = model.path if model.world == "sd" else "tiny"
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    info = dict(base_model=base_model, world=model.world, versions=versions(), git_commit=git_commit(), command=command)
+    record = dict(method=method, args=dict(vars(args)), **info, **(extra or {}))
     save_json(os.path.join(run, "args.json"), record)
     return run
 
@@ -620,10 +535,11 @@ def log_metrics(run: str, step: int, values: dict) -> None:
 
 
 def _write_dir(path: str, write_fn) -> None:
-    """Write a folder atomically: `write_fn(tmp)` fills the sibling folder tmp, which then replaces `path`."""
+    """Write a folder atomically: `write_fn(tmp)` fills the new sibling folder tmp, which then replaces `path`."""
     tmp, old = path + ".tmp", path + ".old"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
+    os.makedirs(tmp)
     write_fn(tmp)
     if os.path.exists(path):
         os.replace(path, old)
@@ -657,7 +573,6 @@ def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra:
     meta["rng_numpy"] = np.random.get_state()[1].tolist()
 
     def write(folder):
-        os.makedirs(folder)
         save_file(tensors, os.path.join(folder, "state.safetensors"))
         with open(os.path.join(folder, "state.json"), "w") as f:
             json.dump(meta, f)
@@ -665,27 +580,20 @@ def save_checkpoint(run: str, step: int, modules: dict, optimizers: dict, extra:
     _write_dir(os.path.join(run, "checkpoint"), write)
 
 
-def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple = ()) -> dict:
-    """Restore what save_checkpoint wrote and truncate metrics.jsonl to its step; returns {"step", "extra", "absent"}.
-    A module named in `optional` may be missing from the checkpoint (it is left as it is and listed in "absent")."""
+def load_checkpoint(run: str, modules: dict, optimizers: dict) -> dict:
+    """Restore what save_checkpoint wrote and truncate metrics.jsonl to its step; returns {"step", "extra"}."""
     folder = os.path.join(run, "checkpoint")
     if not os.path.exists(os.path.join(folder, "state.json")):
         raise UsageError(f"--resume: {run!r} has no checkpoint to resume from")
     tensors = load_file(os.path.join(folder, "state.safetensors"))
     meta = json.load(open(os.path.join(folder, "state.json")))
-    absent = []
     for name, m in modules.items():
         prefix = f"module.{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state:
-            m.load_state_dict(state)
-        elif name in optional:
-            absent.append(name)
-        else:
-            raise UsageError(
-                f"--resume: the checkpoint in {run!r} has no {name!r} state; resume with the flags the run was started "
-                "with (its args.json)"
-            )
+        if not state:
+            hint = "resume with the flags the run was started with (its args.json)"
+            raise UsageError(f"--resume: the checkpoint in {run!r} has no {name!r} state; {hint}")
+        m.load_state_dict(state)
     for name, opt in optimizers.items():
         prefix, saved, state = f"opt.{name}.", meta["optimizers"][name], {}
         stored = [(k[len(prefix) :], v) for k, v in tensors.items() if k.startswith(prefix)]
@@ -700,10 +608,9 @@ def load_checkpoint(run: str, modules: dict, optimizers: dict, optional: tuple =
     if os.path.exists(metrics):
         lines = [ln for ln in open(metrics) if ln.strip() and json.loads(ln)["step"] <= meta["step"]]
         atomic_write(metrics, lambda f: f.writelines(lines))
-    return dict(step=meta["step"], extra=meta["extra"], absent=absent)
+    return dict(step=meta["step"], extra=meta["extra"])
 
 
-# ---------------------------------------------------------------- timing and checks
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on the CPU), so that wall-clock timings are honest."""
     if device.type == "cuda":
@@ -712,17 +619,12 @@ def sync(device: torch.device) -> None:
 
 class UNetPassClock:
     """The denominator of a step's efficiency: the time of the UNet calls a step makes, alone, measured between the
-    run's steps, under the same load of the machine. Time per step / this = the overhead factor (1.0 = only UNets).
-
-    pass_sets: {name: [(unet, batch, backward), ...]}. A pass with backward=True is a forward and a backward through a
-    trained (fp32, autocast) UNet, the others a no-grad forward of a frozen one, on random inputs; the gradients it
-    leaves are cleared. `tick` times every set every steps // samples steps (about 1/samples of the UNet time);
-    `seconds` is a set's mean.
-    """
+    run's steps under the same machine load (time per step / this = the overhead factor, 1.0 = only UNets). pass_sets:
+    {name: [(unet, batch, backward), ...]}, on random inputs: with backward a forward and backward through a trained
+    (fp32, autocast) UNet, gradients then cleared, else a no-grad forward; `tick` times them every steps // samples."""
 
     def __init__(self, model: Model, pass_sets: dict, steps: int, samples: int = 10):
-        self.model, self.pass_sets = model, pass_sets
-        self.every = max(1, steps // samples)
+        self.model, self.pass_sets, self.every = model, pass_sets, max(1, steps // samples)
         self.times = {name: [] for name in pass_sets}
 
     def tick(self, step: int) -> None:
@@ -731,6 +633,7 @@ class UNetPassClock:
             self.measure()
 
     def seconds(self, name: str) -> float:
+        """A set's mean time."""
         if not self.times[name]:  # no step ran in this process (e.g. resumed at the end): time them now
             self.measure()
         return sum(self.times[name]) / len(self.times[name])
@@ -786,24 +689,14 @@ def fmt(x: float | None, digits: int = 2) -> str:
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop with a clear message on a NaN/inf loss (the last checkpoint is kept untouched)."""
     if not torch.isfinite(loss):
-        raise UsageError(
-            f"loss became {loss.item()} at step {step}; the run stopped and its last checkpoint is kept "
-            f"(lower --lr, or resume from the checkpoint)"
-        )
+        hint = "the run stopped and its last checkpoint is kept (lower --lr, or resume from the checkpoint)"
+        raise UsageError(f"loss became {loss.item()} at step {step}; {hint}")
 
 
-# ---------------------------------------------------------------- sample grid
 @torch.no_grad()
-def sample_grid(
-    model, unets: list, prompts: list, path: str, n=4, steps=25, guidance=7.5, seed=0, t_init=None, labels=None
-):
-    """A PNG with one row per prompt and, side by side, n images from each UNet (e.g. before | after), same seeds,
-    under a header of `labels` (default "before", "after" for two UNets). With `t_init` the UNets are one-step
-    generators (see `one_step`)."""
-    if labels is None:
-        labels = ["before", "after"] if len(unets) == 2 else [f"model {i}" for i in range(len(unets))]
-    if len(labels) != len(unets):
-        raise UsageError(f"sample_grid: {len(labels)} labels for {len(unets)} UNets")
+def sample_grid(model, unets: list, prompts: list, path: str, n=4, steps=25, guidance=7.5, seed=0, t_init=None):
+    """A PNG: a row per prompt, n images per UNet side by side (before | after), same seeds; `t_init` as in `sample`."""
+    labels = ["before", "after"] if len(unets) == 2 else [f"model {i}" for i in range(len(unets))]
     cond = encode_prompts(model, [p for p in prompts for _ in range(n)])
     z_T = initial_latents(model, [seed + k for _ in prompts for k in range(n)])
     h, gap = model.resolution, max(2, model.resolution // 8)  # image side, white separator between UNets
@@ -824,10 +717,7 @@ def sample_grid(
 def label_grid(img: Image.Image, col_labels: list[str], col_centers: list[float], row_labels: list[str], row_h: int):
     """`img` with a white header holding each column label (centred at `col_centers`, in img's pixels) and a white
     left margin holding each row's label (rows of `row_h` pixels, wrapped and cut to fit), in PIL's default font."""
-    try:
-        font = ImageFont.load_default(size=max(10, row_h // 6))
-    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
-        font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(10, row_h // 6))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, line_h = 4, font.getbbox("Ag")[3] + 2
 
