@@ -20,7 +20,7 @@ extension, not the paper's (--forget_kl_weight 0 is the paper's method). Deviati
 - the policy trains on the first 60% of each rollout's steps (--train_fraction).
 
 SD:   python rl_critic.py --model CompVis/stable-diffusion-v1-4 --concept church  (cost: README)
-Tiny: python rl_critic.py --concept church  (337 s on one CPU thread, 1.43 GB, including the reward CNN's fit)
+Tiny: python rl_critic.py --concept church  (1,414 s with 5 jobs on the 2 cores, peak 1.10 GB: docs/results.md)
 """
 
 import argparse
