@@ -240,8 +240,8 @@ def reference_eps(unet, x, t, cond, uncond, rows_r, rows_f, guidance: float, neg
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """CleanRL's explained_var: 1 - Var(target - pred) / Var(target) (nan when the target is constant)."""
-    return float("nan") if target.var() == 0 else float(1 - (target - pred).var() / target.var())
+    """CleanRL's explained_var: 1 - Var(target - pred) / Var(target) (nan when constant or fewer than 2 values)."""
+    return float("nan") if len(target) < 2 or target.var() == 0 else float(1 - (target - pred).var() / target.var())
 
 
 def critic_report(ev_log: list, steps: int) -> dict | None:

@@ -5,6 +5,7 @@ reward CNN (fitted once, about 6 CPU-minutes, where runs/.cache/ does not hold i
 
 import json
 import math
+import warnings
 import os
 import subprocess
 import sys
@@ -222,6 +223,11 @@ def test_explained_variance():
     assert rl_critic.explained_variance(y, y) == pytest.approx(1.0)
     assert rl_critic.explained_variance(torch.full((4,), 2.5), y) == pytest.approx(0.0)
     assert math.isnan(rl_critic.explained_variance(y, torch.ones(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty or single-state timestep bucket: nan, no torch var() warning
+        assert math.isnan(rl_critic.explained_variance(y[:1], y[:1])) and math.isnan(
+            rl_critic.explained_variance(y[:0], y[:0])
+        )
 
 
 # ---------------------------------------------------------------- runs, resume, errors
