@@ -5,10 +5,10 @@ reward CNN (fitted once, about 6 CPU-minutes, where runs/.cache/ does not hold i
 
 import json
 import math
-import warnings
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
