@@ -284,12 +284,11 @@ def initial_latents(model: Model, seeds: list[int]) -> torch.Tensor:
 
 
 def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps=25, guidance=7.5, eta=0.0, unet=None,
-           generator=None, return_trajectory=False, t_init=None, run_till=None):  # fmt: skip
+           generator=None, return_trajectory=False, t_init=None):  # fmt: skip
     """DDIM sampling, in fp32, from x_T = `latents` under text states `cond` (N, L, D) with classifier-free guidance.
-    Returns x_0 latents, or with `run_till` k the state after the first k steps (ESD's partial sampling), or with
-    `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs` (T, N) (eta > 0) and `timesteps`
-    (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a one-step generator (SFD/SiD):
-    `one_step` replaces the DDIM loop, and steps and guidance are not used."""
+    Returns x_0 latents, or with `return_trajectory` a dict with `latents` (T+1, N, ...) x_T..x_0, `log_probs` (T, N)
+    (eta > 0) and `timesteps` (T,). Gradients flow only if the caller enables them. With `t_init` the UNet is a
+    one-step generator (SFD/SiD): `one_step` replaces the DDIM loop, and steps and guidance are not used."""
     unet = unet or model.unet
     if t_init is not None:
         return one_step(model, unet, cond, latents, t_init)
@@ -297,7 +296,7 @@ def sample(model: Model, cond: torch.Tensor, latents: torch.Tensor, steps=25, gu
     x = latents.float()
     traj, logps = [x], []
     timesteps = ddim_timesteps(model.scheduler, steps)
-    for t in timesteps[:run_till]:
+    for t in timesteps:
         eps = cfg_eps(unet, x, torch.full((len(x),), t, device=x.device), cond, uncond, guidance)
         x, logp = ddim_step(model.scheduler, eps, t, x, steps, eta, generator)
         if return_trajectory:

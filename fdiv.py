@@ -11,12 +11,12 @@ detached; the official normalisation) each divergence is a function of m, and f 
     mse m (= kl up to scale),  hellinger -exp(-m / (8 sigma^2)),  pearson_chi2 exp(m / sigma^2),
     total_variation 2 Phi(sqrt(m) / (2 sigma)) - 1;  --variational: any f (jensen_shannon too) by the f-GAN bound
 
---anchor esd makes the target ESD's negatively guided reference eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) -
-eps_ref(x_t, "")) at ESD's own x_t, a partial sample of the concept (Gandikota et al., arXiv 2303.07345; official
-esd_sd.py): with --divergence mse, ESD. Deviations:
+--anchor esd makes the target ESD's negatively guided reference eps_ref(x_t, c_f) - eta (eps_ref(x_t, c_f) -
+eps_ref(x_t, "")) (official esd_sd.py; Gandikota et al., arXiv 2303.07345, eq. 2 with eta - 1) at ESD's own x_t, a
+partial sample of the concept by the pipeline's scheduler: with --divergence mse, ESD. Deviations:
 - the default anchor is a neighbour word per class (SD: church -> "building"; tiny: church -> "gas pump");
 - only cross-attention to_k/to_v trains (xattn-kv, as the official code), ESD too (ESD-u: --train_params noxattn);
-- ESD: x_t by DDIM from the forget prompts (esd_sd.py: its pipeline's scheduler, the bare concept); AdamW wd 1e-2.
+- ESD: x_t from all the forget prompts (esd_sd.py: the one prompt given); AdamW wd 1e-2 (esd_sd.py: Adam).
 With sigma 1, the official value, m / sigma^2 is small on the tiny world: the closed forms train nearly the same model.
 
 SD:   python fdiv.py --model CompVis/stable-diffusion-v1-4 --concept church
@@ -25,6 +25,8 @@ Tiny: python fdiv.py --concept church  (27 s on one CPU thread, peak memory 1.11
 """
 
 import argparse
+import copy
+import inspect
 import math
 import os
 import time
@@ -113,7 +115,8 @@ def parse_args(argv=None):
         "--esd_xt",
         default="sample",
         choices=["sample", "cached"],
-        help="--anchor esd's x_t: sample = ESD's own, the frozen model's partial DDIM sample of the concept (a random "
+        help="--anchor esd's x_t: sample = ESD's own, the frozen model's partial sample of the concept by its "
+        "scheduler (a random "
         f"number of {ESD_STEPS} steps at guidance {ESD_GUIDANCE:g}, a fresh seed per step, batch {ESD_BATCH} unless "
         "--batch_size); cached = one of the cached concept images noised to a random t (faster)",
     )
@@ -258,8 +261,25 @@ def variational_loss(v_theta: torch.Tensor, divergence: str) -> torch.Tensor:
 
 
 def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
-    """ESD's negatively guided target: eps_ref(x_t, "") - eta (eps_ref(x_t, c_f) - eps_ref(x_t, ""))."""
-    return eps_empty - eta * (eps_concept - eps_empty)
+    """ESD's negatively guided target as esd_sd.py computes it: eps_ref(x_t, c_f) - eta (eps_ref(x_t, c_f) -
+    eps_ref(x_t, "")), the paper's eq. 2 (eps("") - eta' (eps(c_f) - eps(""))) with eta' = eta - 1."""
+    return eps_concept - eta * (eps_concept - eps_empty)
+
+
+@torch.no_grad()
+def esd_xt(model, cond: torch.Tensor, z_T: torch.Tensor, run_till: int, generator) -> tuple[torch.Tensor, int]:
+    """ESD's x_t (esd_sd.py): the frozen model's guided sample of the concept after `run_till` of ESD_STEPS steps of
+    its pipeline's own scheduler (tiny-sd: DDPM, ancestral; SD-1.4: PNDM), and the timestep that follows them."""
+    sched = copy.deepcopy(model.scheduler)  # a multistep scheduler (PNDM) keeps state: a fresh copy per sample
+    sched.set_timesteps(ESD_STEPS)
+    kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+    uncond = common.encode_prompts(model, [""]).expand(len(cond), -1, -1)
+    x = z_T.float() * sched.init_noise_sigma
+    for t in sched.timesteps[:run_till]:
+        t_b = torch.full((len(x),), int(t), device=x.device)
+        eps = common.cfg_eps(model.unet, sched.scale_model_input(x, t), t_b, cond, uncond, ESD_GUIDANCE)
+        x = sched.step(eps, t, x, **kw).prev_sample.float()
+    return x, int(sched.timesteps[run_till])
 
 
 def surgery(params: list, grads_forget: list, grads_prior: list, weight: float) -> None:
@@ -394,7 +414,6 @@ def main(args):
         start = common.load_checkpoint(run, modules, optimizers)["step"]
     sampled = esd and args.esd_xt == "sample"  # ESD's own x_t, sampled every step
     n_a, B = len(sets.get("x_a", [])), args.batch_size
-    esd_timesteps = common.ddim_timesteps(model.scheduler, ESD_STEPS)
     mode = "variational" if args.variational else "closed form"
     print(
         f"fdiv: {model.path} ({model.world}) on {model.device} {model.dtype}; concept {prompts['concept']!r} -> "
@@ -440,9 +459,9 @@ def main(args):
             k = torch.randint(len(states_f), (B,), generator=gen)
             run_till = int(torch.randint(ESD_STEPS, (), generator=gen))
             z_T = torch.randn(B, *model.latent_shape, generator=gen).to(model.device)
-            with torch.no_grad(), common.autocast(model.device, model.dtype):
-                x_t = common.sample(model, states_f[k], z_T, ESD_STEPS, ESD_GUIDANCE, run_till=run_till)
-            t = torch.full((B,), esd_timesteps[run_till], device=model.device)
+            with common.autocast(model.device, model.dtype):
+                x_t, t = esd_xt(model, states_f[k], z_T, run_till, gen)
+            t = torch.full((B,), t, device=model.device)
             n_sampled += run_till
         else:
             j = torch.randint(n_a, (B,))

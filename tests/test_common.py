@@ -171,16 +171,6 @@ def test_trajectory_and_x0(tiny_model):
     assert torch.allclose(common.x0_from_eps(tiny_model.scheduler, xt, noise, t), x0, atol=1e-4)
 
 
-def test_partial_sampling_stops_at_the_trajectorys_state(tiny_model):
-    """run_till k (ESD's x_t): the state after the first k steps of the same DDIM run, k = 0 being x_T itself."""
-    cond = common.encode_prompts(tiny_model, ["an image of a church"] * 2)
-    z = common.initial_latents(tiny_model, [0, 1])
-    with torch.no_grad():
-        traj = common.sample(tiny_model, cond, z, steps=6, guidance=3.0, return_trajectory=True)["latents"]
-        for k in [0, 1, 4]:
-            assert torch.allclose(common.sample(tiny_model, cond, z, steps=6, guidance=3.0, run_till=k), traj[k])
-
-
 def test_cfg_is_one_doubled_call_with_the_guidance_formula(tiny_model):
     unet = tiny_model.unet
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])

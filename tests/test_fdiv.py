@@ -128,7 +128,7 @@ def test_esd_target_equals_its_formula(tiny_model):
     got = fdiv.fdiv_targets(tiny_model.unet, x_t, t, None, c_f, c_e, args)
     with torch.no_grad():
         eps_e, eps_c = tiny_model.unet(x_t, t, c_e).sample, tiny_model.unet(x_t, t, c_f).sample
-    assert torch.allclose(got, eps_e - 1.5 * (eps_c - eps_e), atol=1e-5)
+    assert torch.allclose(got, eps_c - 1.5 * (eps_c - eps_e), atol=1e-5)  # esd_sd.py's line, eta 1.5
     # and the plain anchor target is the reference under the anchor prompt
     args = fdiv.parse_args(["--anchor", "gas pump"])
     c_a = common.encode_prompts(tiny_model, ["an image of a gas pump"] * 3)
@@ -138,6 +138,34 @@ def test_esd_target_equals_its_formula(tiny_model):
             tiny_model.unet(x_t, t, c_a).sample,
             atol=1e-6,
         )
+
+
+def test_esd_xt_is_the_pipelines_own_partial_sample(tiny_sd, tiny_model):
+    """esd_sd.py's x_t: StableDiffusionPipeline with the model's own scheduler (tiny-sd: DDPM, ancestral noise from
+    the same generator) at guidance 3, stopped after run_till of 50 steps; the UNet then sees timesteps[run_till]."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = copy.deepcopy(tiny_model.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    cond = common.encode_prompts(tiny_model, ["an image of a church"])
+    for run_till in [0, 1, 7]:
+        seen = {}
+
+        def keep(pipe, i, t, kwargs, run_till=run_till, seen=seen):
+            if i == run_till - 1:
+                seen["x"] = kwargs["latents"].clone()
+            return kwargs
+
+        pipe("an image of a church", num_inference_steps=fdiv.ESD_STEPS, guidance_scale=fdiv.ESD_GUIDANCE,
+             generator=torch.Generator().manual_seed(3), output_type="latent", callback_on_step_end=keep)  # fmt: skip
+        gen = torch.Generator().manual_seed(3)
+        z_T = torch.randn(1, *tiny_model.latent_shape, generator=gen)
+        x_t, t = fdiv.esd_xt(tiny_model, cond, z_T, run_till, gen)
+        assert torch.allclose(x_t, seen.get("x", z_T), atol=1e-4)
+        assert t == int(pipe.scheduler.timesteps[run_till])
 
 
 def test_esd_defaults_are_the_official_scripts():
