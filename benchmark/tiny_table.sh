@@ -3,7 +3,7 @@
 # eval.py on every run, then one table with mean +- std, training wall time, step / UNet passes and peak memory
 # (benchmark/collect.py), and one row per run with its own times (--per_run). The methods: ESD (fdiv.py --anchor esd
 # --divergence mse) beside the official esd_sd.py, f-divergence (hellinger), PURE, SFD, RL critic; each method
-# script's extra rows (ablations, the no-critic baseline, the other divergences) come along (docs/results.md). The
+# script's extra rows (ablations, the paper's RL critic, the divergence study) come along (docs/results.md). The
 # base-model rows are eval.py on the base model (SFD: on its distilled generator).
 #
 #   bash benchmark/tiny_table.sh PATH/TO/erasing                  (from the repository root; one lane; the path is a
@@ -23,6 +23,7 @@ export BASE=$ROOT_OUT/base
 
 OUT=$ROOT_OUT/esd bash benchmark/esd_official.sh "${1:-}"
 OUT=$ROOT_OUT/fdiv bash benchmark/fdiv.sh
+OUT=$ROOT_OUT/fdiv_divergences bash benchmark/fdiv_divergences.sh
 OUT=$ROOT_OUT/pure ABLATION_SEEDS=${ABLATION_SEEDS:-"0 1 2"} bash benchmark/pure.sh
 OUT=$ROOT_OUT/sfd SFD_BASE=$ROOT_OUT/sfd_base bash benchmark/sfd.sh
 OUT=$ROOT_OUT/rl_critic bash benchmark/rl_critic.sh

@@ -121,6 +121,10 @@ def test_tiny_table_covers_every_method_x_3_classes_x_3_seeds():
     for variant in ("fdiv-mse", "fdiv-pearson_chi2", "pure-ga", "pure-norepair", "pure-nokl"):
         assert ("church", "s0") in grid[variant], variant
     assert {s for c, s in grid["pure-ga"]} == {"s0", "s1", "s2"}  # PURE's ablations on 3 seeds
+    for div in ("mse", "hellinger", "pearson_chi2", "total_variation", "js-variational"):  # the divergence study
+        assert all({c for c, _ in grid[f"{div}-{k}"]} == {c for c, _ in full} for k in (50, 100, 200)), div
+    for rl in ("rl_critic-paper", "rl_critic-paper-nocritic", "rl_critic-paper-clean"):  # the paper and its ablations
+        assert grid[rl] == full, rl
     once = [j[1] for j in jobs if j[0] == "once"]
     assert len(set(j[2] for j in jobs if j[0] == "once" and j[1] == "base-eval")) == 3
     assert once.count("sfd-base-eval") == 3 and "sfd-base-generator" in once
