@@ -17,7 +17,7 @@ partial sample of the concept by the pipeline's scheduler: with --divergence mse
 - the default anchor is a neighbour word per class (SD: church -> "building"; tiny: church -> "gas pump");
 - only cross-attention to_k/to_v trains (xattn-kv, as the official code), ESD too (ESD-u: --train_params noxattn);
 - ESD: x_t from all the forget prompts (esd_sd.py: the one prompt given); AdamW wd 1e-2 (esd_sd.py: Adam).
-Tiny world: at sigma 1 (official) m / sigma^2 < 0.1 and the closed forms train one model; at 0.1 chi^2 stalls (docs).
+Tiny world: at sigma 1 (official) m / sigma^2 < 0.1 and the closed forms train one model (docs/results.md).
 
 SD:   python fdiv.py --model CompVis/stable-diffusion-v1-4 --concept church
       (time/memory: README, "Stable Diffusion cost")
