@@ -1,0 +1,277 @@
+"""Is the concept really gone? A soft-prompt attack on, and relearning of, an unlearned UNet; eval.py runs them.
+
+--attack soft_prompt: UnlearnDiffAtk (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are
+Still Easy To Generate Unsafe Images", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack, read, not
+copied). k token embeddings P, put after BOS and before the forget prompt's tokens, are fitted to the frozen unlearned
+UNet eps_theta' with the attack's denoising objective on images x_0 of the concept drawn by the base model, then the
+forget class's evaluation images are drawn from [P; prompt]: ASR = share the judge takes for the concept (= 1 - UA
+under attack), beside the clean UA. --relearn N: N Adam steps of the plain denoising loss on the same base-model
+images fine-tune a copy of the unlearned UNet, then UA again: how fast the concept comes back.
+Deviations from the attack paper and its code:
+- soft tokens: continuous embeddings, initialised at the vocabulary's mean embedding (the official init, a uniform
+  distribution over the vocabulary), not tokens projected onto the vocabulary; Adam without weight decay;
+- one soft prompt for all the evaluation images, fitted on --target_images base-model images of other seeds (the
+  official attack fits each prompt and seed in turn, stops at the first image the judge takes for the concept, and
+  counts prompts); a fresh t ~ U{0..999} and noise each step for the whole batch (official: 50 timesteps in turn,
+  40 steps each, one image); targets are the base sampler's latents (official: its image through the VAE encoder);
+- a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
+Defaults: 5 tokens, 100 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed).
+
+Tiny: python eval.py runs/fdiv__church__s0 --attack soft_prompt --relearn 50  (attack 25 s, relearn 20 s beyond
+      eval.py's own 45 s, on one CPU thread)
+SD:   python eval.py runs/esd__church__s0 --attack soft_prompt  (the ResNet-50 judge; on a GPU)
+"""
+
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import common
+from common import UsageError
+
+ATTACKS = ["soft_prompt"]
+RELEARN_LR = {"tiny": 1e-4, "sd": 1e-5}  # Adam on the full UNet, chosen from the loaded model's world
+BUDGETS = ["attack_steps", "attack_tokens", "relearn", "target_images"]  # each >= 1 when given
+
+
+# PLUMBING: eval.py's flags, their checks, and the checks of a PATH before any slow work
+
+
+def add_args(p) -> None:
+    p.add_argument("--attack", choices=ATTACKS, help="attack the UNet of a run or model: ASR into metrics.json")
+    p.add_argument("--attack_steps", type=int, default=100, help="Adam steps on the adversarial token embeddings")
+    p.add_argument("--attack_tokens", type=int, default=5, help="adversarial tokens put before the prompt's tokens")
+    p.add_argument("--attack_lr", type=float, default=1e-2, help="Adam learning rate of the adversarial embeddings")
+    p.add_argument("--relearn", type=int, metavar="N", help="fine-tune a copy of the UNet N steps, then UA again")
+    p.add_argument("--relearn_lr", type=float, help="Adam learning rate of relearning (tiny 1e-4, sd 1e-5)")
+    p.add_argument("--target_images", type=int, default=8, help="base-model images of the concept (attack, relearn)")
+    p.add_argument("--attack_seed", type=int, default=0, help="seeds the target images and the noise of both")
+
+
+def check_args(args, error) -> None:
+    for name in BUDGETS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("attack_lr", "relearn_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            error(f"--{name} must be > 0, got {getattr(args, name)}")
+
+
+def check(job: dict, args) -> dict:
+    """The one-line errors of a PATH that cannot be attacked or relearned; returns the job."""
+    if not (args.attack or args.relearn):
+        return job
+    what = f"--attack {args.attack}" if args.attack else f"--relearn {args.relearn}"
+    if job["run"] is None:
+        raise UsageError(f"{what}: {job['path']!r} is an image folder, with no UNet to attack (give a run folder "
+                         "with unet/ or a model such as tiny)")  # fmt: skip
+    if job["forget"] is None:
+        concept = job["run"]["args"].get("concept")
+        has = f"a run whose concept {concept!r} is no class" if concept else "a base model, with no concept"
+        raise UsageError(f"{what}: {job['path']!r} is {has}; name the class with --forget_class CLASS")
+    if job["run"].get("method") == "sfd" and "t_init" not in (job["run"].get("sampler") or {}):
+        raise UsageError(f"{what}: {job['path']}/args.json is an SFD run without its 'sampler' (its unet/ is a "
+                         'one-step generator; sfd.py writes "sampler": {"t_init": 625})')  # fmt: skip
+    forget_rows(args.prompts, job["forget"])
+    return job
+
+
+def forget_rows(prompt_file: str, forget: str) -> list[dict]:
+    key = lambda c: c.replace("_", " ").strip().lower()
+    rows = [r for r in common.read_prompts(prompt_file) if key(r.get("class") or "") == key(forget)]
+    if not rows:
+        raise UsageError(f"--forget_class {forget!r}: {prompt_file} has no row of that class to attack")
+    return rows
+
+
+# ALGO LOGIC: the soft prompt, the denoising objective, relearning
+
+
+def soft_prompt_states(model: common.Model, prompts: list[str], adv: torch.Tensor) -> torch.Tensor:
+    """Text states (N, L, D) of [BOS, P_1..P_k, prompt tokens, EOS, pad...]: the k embeddings `adv` (k, D) replace the
+    token embeddings after BOS (a forward hook on the embedding table, removed after), the rest as encode_prompts."""
+    tok, k = model.tokenizer, len(adv)
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = ids.input_ids  # (N, L)
+    length = int((ids == tok.eos_token_id).int().argmax(1).max()) + 1  # BOS, tokens, EOS
+    if length + k > len(ids[0]):
+        raise UsageError(f"--attack_tokens {k}: the prompt has {length} tokens with BOS and EOS, the text encoder "
+                         f"takes {len(ids[0])}: at most {len(ids[0]) - length} adversarial tokens fit")  # fmt: skip
+    ids = torch.cat([ids[:, :1], torch.full((len(ids), k), tok.bos_token_id), ids[:, 1 : len(ids[0]) - k]], 1)
+
+    def put(module, inputs, out):  # (N, L, D) token embeddings, positions 1..k <- P
+        return torch.cat([out[:, :1], adv.to(out.dtype).expand(len(out), -1, -1), out[:, 1 + k :]], 1)
+
+    hook = model.text_encoder.get_input_embeddings().register_forward_hook(put)
+    try:
+        return model.text_encoder(ids.to(model.device))[0]
+    finally:
+        hook.remove()
+
+
+def noised(model: common.Model, x0: torch.Tensor, gen: torch.Generator, t_init: int | None = None) -> tuple:
+    """(x_t, t, eps): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1} (t_init for a one-step generator),
+    drawn on the CPU from `gen` (device-independent)."""
+    n, T = len(x0), model.scheduler.config.num_train_timesteps
+    t = torch.randint(0, T, (n,), generator=gen) if t_init is None else torch.full((n,), int(t_init))
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    return model.scheduler.add_noise(x0, eps, t.to(x0.device)), t.to(x0.device), eps
+
+
+def denoising_loss(model: common.Model, unet, x0, cond, gen, t_init=None) -> torch.Tensor:
+    """The attack paper's objective and the plain training loss: mean || eps_theta(x_t, t, c) - eps ||^2, in fp32."""
+    x_t, t, eps = noised(model, x0, gen, t_init)
+    dtype = getattr(unet, "dtype", x_t.dtype)
+    with common.autocast(model.device, model.dtype):
+        eps_pred = unet(x_t.to(dtype), t, cond.to(dtype)).sample.float()
+    return F.mse_loss(eps_pred, eps)
+
+
+@torch.no_grad()
+def target_latents(base: common.Model, prompts: list[str], n: int, seed: int) -> torch.Tensor:
+    """n images x_0 (n, 4, h, w) of the concept by the base model: 25 DDIM steps, guidance 7.5, as eval.py's images."""
+    z = torch.randn((n, *base.latent_shape), generator=torch.Generator().manual_seed(seed)).to(base.device)
+    cond = common.encode_prompts(base, [prompts[i % len(prompts)] for i in range(n)])
+    with common.autocast(base.device, base.dtype):
+        return common.sample(base, cond, z, steps=25, guidance=7.5).float()
+
+
+def soft_prompt_attack(model, prompts, x0, steps=100, tokens=5, lr=1e-2, seed=0, t_init=None) -> tuple:
+    """UnlearnDiffAtk's soft prompt P (k, D) against model.unet (frozen); returns (P, the loss of every step)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = model.text_encoder.get_input_embeddings().weight.float()  # (V, D)
+    adv = table.mean(0).repeat(tokens, 1).requires_grad_(True)  # the vocabulary's mean embedding, k times
+    optimizer = torch.optim.Adam([adv], lr=lr)
+    target_prompts = [prompts[i % len(prompts)] for i in range(len(x0))]
+    losses = []
+    for step in tqdm(range(steps), desc="attack", leave=False):
+        with common.autocast(model.device, model.dtype):
+            cond = soft_prompt_states(model, target_prompts, adv)  # (n, L, D), [P; prompt]
+        # min_P E_{x_0, t, eps} || eps_theta'(x_t, t, [P; prompt]) - eps ||^2   (UnlearnDiffAtk, arXiv 2310.11868)
+        loss = denoising_loss(model, model.unet, x0, cond, gen, t_init)
+        common.check_finite(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return adv.detach(), losses
+
+
+def relearn(model, prompts, x0, steps, lr, seed=0, t_init=None) -> tuple:
+    """A copy of model.unet (fp32, every parameter) after `steps` Adam steps of the plain denoising loss on the images
+    x0 under their prompts; returns (the relearned UNet, frozen, the loss of every step)."""
+    gen = torch.Generator().manual_seed(seed)
+    unet = common.trainable_unet(model)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
+    cond = common.encode_prompts(model, [prompts[i % len(prompts)] for i in range(len(x0))])  # (n, L, D)
+    losses = []
+    for step in tqdm(range(steps), desc="relearn", leave=False):
+        loss = denoising_loss(model, unet, x0, cond, gen, t_init)  # E || eps_theta(x_t, t, c_f) - eps ||^2
+        common.check_finite(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return unet.eval().requires_grad_(False), losses
+
+
+# PLUMBING: the images, the metrics
+
+
+@torch.no_grad()
+def write_images(model, unet, cond, rows, n, folder, t_init=None, prompt=lambda r: r["prompt"]) -> str:
+    """n images per row into a fresh image folder: image k of row i from seed evaluation_seed + k under text states
+    cond[i] (R, L, D), in common.generate's batches of 64; prompts.csv names each row's prompt with `prompt`."""
+    shutil.rmtree(folder, ignore_errors=True)  # no image of an earlier attack or relearning is left to be scored
+    items = [(i, r, k) for i, r in enumerate(rows) for k in range(n)]
+    for b in tqdm(range(0, len(items), 64), desc="generate", leave=False):
+        chunk = items[b : b + 64]
+        z_T = common.initial_latents(model, [r["evaluation_seed"] + k for _, r, k in chunk])
+        with common.autocast(model.device, model.dtype):
+            x0 = common.sample(model, cond[[i for i, _, _ in chunk]], z_T, 25, 7.5, unet=unet, t_init=t_init)
+        for (_, r, k), img in zip(chunk, common.decode(model, x0)):
+            common.save_png(os.path.join(folder, f"{r['case_number']}_{k}.png"), Image.fromarray(img))
+    common.write_prompts(os.path.join(folder, "prompts.csv"), [{**r, "prompt": prompt(r)} for r in rows])
+    return folder
+
+
+def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
+    """--attack and --relearn on a checked job: metrics["attack"] / ["relearn"]. `accuracy(folder)` is eval.py's
+    judge: the share of a folder's images taken for the forget class; n images per forget row, eval.py's seeds."""
+    if not (args.attack or args.relearn):
+        return
+    info, forget = job["run"], job["forget"]
+    t_init = (info.get("sampler") or {}).get("t_init")  # an SFD run: its UNet is a one-step generator
+    base = common.load_model(info["base_model"], device=device)
+    unet_dir = None if "unet" in info else os.path.join(job["path"], "unet")  # a base model PATH is attacked itself
+    model = base if unet_dir is None else common.load_model(info["base_model"], device=device, unet_path=unet_dir)
+    rows = forget_rows(args.prompts, forget)
+    prompts = [r["prompt"] for r in rows]
+    t0 = time.perf_counter()
+    x0 = target_latents(base, prompts, args.target_images, args.attack_seed)
+    targets = dict(n=args.target_images, seed=args.attack_seed, prompts=prompts, seconds=time.perf_counter() - t0,
+                   definition="base-model images of the forget rows' prompts (25 DDIM steps, guidance 7.5), x_T from "
+                   "torch.Generator().manual_seed(attack_seed)")  # fmt: skip
+    ua_clean, where = metrics["summary"]["UA"], os.path.relpath(job["path"])
+    sampler = "25 DDIM steps, guidance 7.5" if t_init is None else f"one step at t_init {t_init}"
+    if args.attack:
+        t0 = time.perf_counter()
+        k = args.attack_tokens
+        adv, losses = soft_prompt_attack(model, prompts, x0, args.attack_steps, k, args.attack_lr, args.attack_seed,
+                                         t_init)  # fmt: skip
+        t1 = time.perf_counter()
+        folder = os.path.join(job["path"], "attack")
+        cond = soft_prompt_states(model, prompts, adv).detach()
+        write_images(model, model.unet, cond, rows, n, folder, t_init, lambda r: f"<{k} soft tokens> {r['prompt']}")
+        save_file({"soft_prompt": adv.cpu().contiguous()}, os.path.join(folder, "soft_prompt.safetensors"))
+        asr = accuracy(folder)
+        metrics["attack"] = dict(
+            method="soft_prompt",
+            ASR=asr,
+            UA_attacked=1 - asr,
+            UA_clean=ua_clean,
+            forget_class=forget,
+            n_images=n * len(rows),
+            images=os.path.abspath(folder),
+            budget=dict(steps=args.attack_steps, tokens=k, lr=args.attack_lr, optimizer="Adam", targets=targets),
+            loss=dict(first=losses[0], last=losses[-1], mean_last_10=sum(losses[-10:]) / len(losses[-10:])),
+            seconds=dict(optimise=t1 - t0, generate_and_judge=time.perf_counter() - t1),
+            definition=f"UnlearnDiffAtk objective (arXiv 2310.11868) with {k} soft token embeddings after BOS: "
+            "min_P E || eps_theta'(x_t, t, [P; prompt]) - eps ||^2 on the target images, t ~ U{0..T-1}"
+            f"{'' if t_init is None else f' (t = t_init {t_init})'}; then n_images of the forget rows from [P; prompt] "
+            f"({sampler}, image k from evaluation_seed + k); ASR = share the judge takes for the forget class",
+        )
+        metrics["summary"]["ASR"] = asr
+        print(f"{where}: --attack soft_prompt ASR {asr:.3f} on {n * len(rows)} images of {forget} (clean UA "
+              f"{common.fmt(ua_clean, 3)}), {t1 - t0:.0f} s of {args.attack_steps} steps -> {folder}")  # fmt: skip
+    if args.relearn:
+        lr = args.relearn_lr or RELEARN_LR[model.world]
+        t0 = time.perf_counter()
+        unet, losses = relearn(model, prompts, x0, args.relearn, lr, args.attack_seed, t_init)
+        t1 = time.perf_counter()
+        folder = os.path.join(job["path"], "relearn")
+        write_images(model, unet, common.encode_prompts(model, prompts), rows, n, folder, t_init)
+        ua = 1 - accuracy(folder)
+        metrics["relearn"] = dict(
+            steps=args.relearn,
+            UA=ua,
+            UA_clean=ua_clean,
+            forget_class=forget,
+            lr=lr,
+            optimizer="Adam, every UNet parameter, fp32",
+            targets=targets,
+            n_images=n * len(rows),
+            images=os.path.abspath(folder),
+            loss=dict(first=losses[0], last=losses[-1]),
+            seconds=dict(train=t1 - t0, generate_and_judge=time.perf_counter() - t1),
+            definition="a copy of the UNet fine-tuned `steps` steps on the target images with the plain denoising "
+            f"loss E || eps_theta(x_t, t, prompt) - eps ||^2 (batch = all targets); UA of its n_images ({sampler})",
+        )
+        metrics["summary"]["UA_relearned"] = ua
+        print(f"{where}: --relearn {args.relearn} UA {ua:.3f} (clean {common.fmt(ua_clean, 3)}), {t1 - t0:.0f} s")

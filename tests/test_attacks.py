@@ -1,0 +1,184 @@
+"""attacks.py through eval.py: the soft prompt sits after BOS and only it gets gradients; the attack finds the concept
+in a model that still draws it (the base model, SFD's distilled one-step generator) and not in a random UNet; on an
+unlearned run it finds more than the clean prompt does and relearning brings the concept back; bad input.
+
+Every efficacy test scores the church row only (data/prompts/imagenette.csv), 20 images, with the default budget."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from test_eval import make_run, write_rows
+
+import attacks
+import common
+import eval as ev
+from common import UsageError
+
+N = "20"  # images of the forget class per check (eval.py's evaluation seeds of the church row)
+
+
+@pytest.fixture(autouse=True)
+def tiny_models(monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "TINY_CLASSIFIER", os.environ.get("TEST_TINY_CLASSIFIER", ev.TINY_CLASSIFIER))
+    monkeypatch.setattr(ev, "REFERENCE_CACHE", str(tmp_path / "reference"))
+    monkeypatch.chdir(tmp_path)  # a base model PATH writes runs/base__{name}/ here
+
+
+@pytest.fixture(scope="module")
+def church_csv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    rows = common.read_prompts(os.path.join(common.PROMPTS_DIR, "imagenette.csv"))
+    write_rows(folder, [r for r in rows if r["class"] == "church"])
+    return str(folder / "prompts.csv")
+
+
+def run_eval(path, church_csv, *flags) -> dict:
+    argv = [str(path), "--metrics", "ua", "--n_per_class", N, "--prompts", church_csv, "--device", "cpu", *flags]
+    args = ev.parse_args([str(a) for a in argv])
+    ev.main(args)
+    folder = path if os.path.isfile(os.path.join(path, "args.json")) else ev.plan(str(path), args, None)["path"]
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- the soft prompt
+
+
+def test_soft_prompt_goes_after_bos_and_only_it_gets_gradients(tiny_model):
+    """Three soft tokens equal to the embeddings of "an image of", before "a church", give exactly the text states of
+    "an image of a church"; the loss's gradient reaches the soft tokens and no weight of the frozen models."""
+    tok, table = tiny_model.tokenizer, tiny_model.text_encoder.get_input_embeddings().weight
+    ids = tok(["an image of"]).input_ids[0][1:-1]  # without BOS and EOS
+    adv = table[ids].detach().clone().requires_grad_(True)  # (3, D)
+    states = attacks.soft_prompt_states(tiny_model, ["a church", "a tench"], adv)
+    expected = common.encode_prompts(tiny_model, ["an image of a church", "an image of a tench"])
+    torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
+    other = adv.detach() + torch.randn(adv.shape, generator=torch.Generator().manual_seed(0))  # (+1 would not do: the
+    other = attacks.soft_prompt_states(tiny_model, ["a church"], other)  # layer norms remove a constant shift)
+    assert not torch.allclose(other[0, 1:], expected[0, 1:], atol=1e-2)  # the soft tokens change all but BOS's
+    assert torch.equal(other[0, 0], states[0, 0])  # causal: BOS's state is the same
+    x0 = torch.randn(2, *tiny_model.latent_shape, generator=torch.Generator().manual_seed(0))
+    loss = attacks.denoising_loss(tiny_model, tiny_model.unet, x0, states, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert adv.grad is not None and adv.grad.abs().sum() > 0
+    frozen = [*tiny_model.unet.parameters(), *tiny_model.text_encoder.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    assert torch.isfinite(loss) and loss.ndim == 0
+
+
+def test_denoising_loss_is_the_epsilon_mse_at_the_drawn_t(tiny_model):
+    """The objective, recomputed by hand from the same draws: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    x0 = torch.randn(3, *tiny_model.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond = common.encode_prompts(tiny_model, ["an image of a church"] * 3)
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    abar = tiny_model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        pred = tiny_model.unet(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, cond).sample
+        loss = attacks.denoising_loss(tiny_model, tiny_model.unet, x0, cond, torch.Generator().manual_seed(5))
+        at_init = attacks.denoising_loss(tiny_model, tiny_model.unet, x0, cond, torch.Generator().manual_seed(5), 625)
+    assert loss.item() == pytest.approx(((pred - eps) ** 2).mean().item(), rel=1e-5)
+    assert at_init.item() != pytest.approx(loss.item(), rel=1e-3)  # a one-step generator is fitted at t_init
+
+
+# ---------------------------------------------------------------- efficacy, through eval.py
+
+
+def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny_sd, church_csv, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    base = run_eval(tiny_sd, church_csv, "--forget_class", "church", "--attack", "soft_prompt")
+    attack = base["attack"]
+    print("base model", attack["ASR"], attack["UA_clean"])
+    assert attack["ASR"] >= 0.7 and base["summary"]["ASR"] == attack["ASR"]  # the base model still draws church
+    assert attack["UA_clean"] == base["summary"]["UA"] <= 0.2 and attack["n_images"] == int(N)
+    assert attack["budget"]["steps"] == 100 and attack["budget"]["tokens"] == 5 and attack["seconds"]["optimise"] > 0
+    assert attack["loss"]["mean_last_10"] < attack["loss"]["first"]  # the objective went down
+    folder = attack["images"]
+    assert len([f for f in os.listdir(folder) if f.endswith(".png")]) == int(N)
+    assert "<5 soft tokens> an image of a church" in open(os.path.join(folder, "prompts.csv")).read()
+    assert os.path.isfile(os.path.join(folder, "soft_prompt.safetensors"))
+    run = tmp_path / "random"
+    make_run(run, unet=False, base_model=tiny_sd)
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sd, subfolder="unet")).save_pretrained(
+        run / "unet"
+    )
+    random = run_eval(run, church_csv, "--attack", "soft_prompt")["attack"]
+    print("random UNet", random["ASR"], random["UA_clean"])
+    assert random["ASR"] <= 0.1 and random["UA_clean"] >= 0.9  # a random UNet draws nothing to find
+
+
+def test_attack_and_relearn_on_a_one_step_generator(tiny_sd, church_csv, tmp_path):
+    """SFD's format (args.json's sampler.t_init) with the distilled generator, which has forgotten nothing."""
+    import sfd
+
+    run = tmp_path / "sfd"
+    make_run(run, unet=False, base_model=tiny_sd)
+    info = json.load(open(run / "args.json"))
+    common.save_json(str(run / "args.json"), dict(info, method="sfd", sampler=dict(t_init=625)))
+    sfd.load_generator(common.load_model(tiny_sd, device="cpu"), sfd.TINY_GENERATOR).save_pretrained(run / "unet")
+    m = run_eval(run, church_csv, "--attack", "soft_prompt", "--relearn", "5")
+    print("one-step generator", m["attack"]["ASR"], m["attack"]["UA_clean"], m["relearn"]["UA"])
+    assert m["generation"]["sampler"] == "one step at t_init=625" and "t_init 625" in m["attack"]["definition"]
+    assert m["attack"]["ASR"] >= 0.6 and m["summary"]["UA"] <= 0.3
+    assert m["relearn"]["UA"] <= 0.3 and m["relearn"]["steps"] == 5
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_budgets_exit_2_with_one_line(capsys):
+    for argv, message in (
+        (["x", "--attack", "soft_prompt", "--attack_steps", "0"], "--attack_steps must be >= 1, got 0"),
+        (["x", "--attack", "soft_prompt", "--attack_tokens", "0"], "--attack_tokens must be >= 1, got 0"),
+        (["x", "--relearn", "0"], "--relearn must be >= 1, got 0"),
+        (["x", "--relearn", "3", "--target_images", "0"], "--target_images must be >= 1, got 0"),
+        (["x", "--attack", "soft_prompt", "--attack_lr", "0"], "--attack_lr must be > 0, got 0.0"),
+        (["x", "--attack", "text_grad"], "invalid choice: 'text_grad'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            ev.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_too_many_soft_tokens_name_what_fits(tiny_model):
+    adv = torch.zeros(20, tiny_model.text_encoder.config.hidden_size)
+    with pytest.raises(UsageError, match=re.escape("--attack_tokens 20: the prompt has 7 tokens")):
+        attacks.soft_prompt_states(tiny_model, ["an image of a church"], adv)
+
+
+CANNOT = {  # case -> what the message must say
+    "base model, no class": "is a base model, with no concept; name the class with --forget_class",
+    "image folder": "is an image folder, with no UNet to attack",
+    "sfd without sampler": "args.json is an SFD run without its 'sampler'",
+    "no row of the class": "--forget_class 'tench': ",
+}
+
+
+@pytest.mark.parametrize("case", list(CANNOT))
+def test_what_cannot_be_attacked_is_one_usage_error(case, tiny_sd, church_csv, tmp_path):
+    import pictonette
+
+    path, message = str(tmp_path / "x"), CANNOT[case]
+    flags = ["--attack", "soft_prompt"] if case != "sfd without sampler" else ["--relearn", "5"]
+    if case == "base model, no class":
+        path = tiny_sd
+    elif case == "no row of the class":  # the prompt file has only the church row
+        path, flags = tiny_sd, flags + ["--forget_class", "tench"]
+    elif case == "image folder":
+        pictonette.write_folder(path, 2, 3000, ["church"])
+    else:
+        os.makedirs(path)
+        make_run(path, base_model=tiny_sd)
+        info = json.load(open(os.path.join(path, "args.json")))
+        common.save_json(os.path.join(path, "args.json"), dict(info, method="sfd"))
+    args = ev.parse_args([path, "--device", "cpu", "--prompts", church_csv, *flags])
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ev.main(args)
+    assert not os.path.exists(os.path.join(path, "attack")) and not os.path.exists(os.path.join(path, "images"))
