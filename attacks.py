@@ -48,7 +48,7 @@ def add_args(p) -> None:
     p.add_argument("--attack_steps", type=int, default=100, help="Adam steps on the adversarial token embeddings")
     p.add_argument("--attack_tokens", type=int, default=5, help="adversarial tokens put before the prompt's tokens")
     p.add_argument("--attack_lr", type=float, default=1e-2, help="Adam learning rate of the adversarial embeddings")
-    p.add_argument("--relearn", type=int, metavar="N", help="fine-tune a copy of the UNet N steps, then UA again")
+    p.add_argument("--relearn", type=int, nargs="+", metavar="N", help="fine-tune a copy of the UNet, UA after N steps")
     p.add_argument("--relearn_lr", type=float, help="Adam learning rate of relearning (tiny 1e-4, sd 1e-5)")
     p.add_argument("--target_images", type=int, default=8, help="base-model images of the concept (attack, relearn)")
     p.add_argument("--attack_seed", type=int, default=0, help="seeds the target images and the noise of both")
@@ -56,8 +56,11 @@ def add_args(p) -> None:
 
 def check_args(args, error) -> None:
     for name in BUDGETS:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        for value in (getattr(args, name) or []) if name == "relearn" else [getattr(args, name)]:
+            if value is not None and value < 1:
+                error(f"--{name} must be >= 1, got {value}")
+    if args.relearn:
+        args.relearn = sorted(set(args.relearn))
     for name in ("attack_lr", "relearn_lr"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             error(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -67,7 +70,7 @@ def check(job: dict, args) -> dict:
     """The one-line errors of a PATH that cannot be attacked or relearned; returns the job."""
     if not (args.attack or args.relearn):
         return job
-    what = f"--attack {args.attack}" if args.attack else f"--relearn {args.relearn}"
+    what = f"--attack {args.attack}" if args.attack else f"--relearn {' '.join(map(str, args.relearn))}"
     if job["run"] is None:
         raise UsageError(f"{what}: {job['path']!r} is an image folder, with no UNet to attack (give a run folder "
                          "with unet/ or a model such as tiny)")  # fmt: skip
@@ -163,22 +166,25 @@ def soft_prompt_attack(model, prompts, x0, steps=100, tokens=5, lr=1e-2, seed=0,
     return adv.detach(), losses
 
 
-def relearn(model, prompts, x0, steps, lr, seed=0, t_init=None) -> tuple:
-    """A copy of model.unet (fp32, every parameter) after `steps` Adam steps of the plain denoising loss on the images
-    x0 under their prompts; returns (the relearned UNet, frozen, the loss of every step)."""
+def relearn(model, prompts, x0, steps: list[int], lr, seed=0, t_init=None, score=None) -> tuple:
+    """A copy of model.unet (fp32, every parameter) fine-tuned max(steps) Adam steps with the plain denoising loss on
+    the images x0 under their prompts; after each count in `steps`, score(count, unet). Returns ({count: score},
+    the loss of every step)."""
     gen = torch.Generator().manual_seed(seed)
     unet = common.trainable_unet(model)
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     cond = common.encode_prompts(model, [prompts[i % len(prompts)] for i in range(len(x0))])  # (n, L, D)
-    losses = []
-    for step in tqdm(range(steps), desc="relearn", leave=False):
+    losses, scores = [], {}
+    for step in tqdm(range(1, max(steps) + 1), desc="relearn", leave=False):
         loss = denoising_loss(model, unet, x0, cond, gen, t_init)  # E || eps_theta(x_t, t, c_f) - eps ||^2
         common.check_finite(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return unet.eval().requires_grad_(False), losses
+        if step in steps and score is not None:
+            scores[step] = score(step, unet)
+    return scores, losses
 
 
 # PLUMBING: the images, the metrics
@@ -252,15 +258,22 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
               f"{common.fmt(ua_clean, 3)}), {t1 - t0:.0f} s of {args.attack_steps} steps -> {folder}")  # fmt: skip
     if args.relearn:
         lr = args.relearn_lr or RELEARN_LR[model.world]
+        folder, cond = os.path.join(job["path"], "relearn"), common.encode_prompts(model, prompts)
+        shutil.rmtree(folder, ignore_errors=True)  # no image of an earlier relearning is left to be scored
+        seconds = {"generate_and_judge": 0.0}
+
+        def ua_after(step, unet):  # relearn/{step}/: the forget rows' images from the UNet relearned `step` steps
+            t = time.perf_counter()
+            ua = 1 - accuracy(write_images(model, unet, cond, rows, n, os.path.join(folder, str(step)), t_init))
+            seconds["generate_and_judge"] += time.perf_counter() - t
+            return ua
+
         t0 = time.perf_counter()
-        unet, losses = relearn(model, prompts, x0, args.relearn, lr, args.attack_seed, t_init)
-        t1 = time.perf_counter()
-        folder = os.path.join(job["path"], "relearn")
-        write_images(model, unet, common.encode_prompts(model, prompts), rows, n, folder, t_init)
-        ua = 1 - accuracy(folder)
+        uas, losses = relearn(model, prompts, x0, args.relearn, lr, args.attack_seed, t_init, ua_after)
+        seconds["train"] = time.perf_counter() - t0 - seconds["generate_and_judge"]
         metrics["relearn"] = dict(
             steps=args.relearn,
-            UA=ua,
+            UA=[uas[s] for s in args.relearn],
             UA_clean=ua_clean,
             forget_class=forget,
             lr=lr,
@@ -269,9 +282,12 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
             n_images=n * len(rows),
             images=os.path.abspath(folder),
             loss=dict(first=losses[0], last=losses[-1]),
-            seconds=dict(train=t1 - t0, generate_and_judge=time.perf_counter() - t1),
-            definition="a copy of the UNet fine-tuned `steps` steps on the target images with the plain denoising "
-            f"loss E || eps_theta(x_t, t, prompt) - eps ||^2 (batch = all targets); UA of its n_images ({sampler})",
+            seconds=seconds,
+            definition="a copy of the UNet fine-tuned on the target images with the plain denoising loss E || "
+            "eps_theta(x_t, t, prompt) - eps ||^2 (batch = all targets); UA[i] = UA of its n_images "
+            f"({sampler}) after steps[i] steps, in relearn/{{steps[i]}}/",
         )
-        metrics["summary"]["UA_relearned"] = ua
-        print(f"{where}: --relearn {args.relearn} UA {ua:.3f} (clean {common.fmt(ua_clean, 3)}), {t1 - t0:.0f} s")
+        for s in args.relearn:
+            metrics["summary"][f"UA_relearn_{s}"] = uas[s]
+        print(f"{where}: --relearn UA " + ", ".join(f"{uas[s]:.3f} after {s}" for s in args.relearn)
+              + f" steps (clean {common.fmt(ua_clean, 3)}), {seconds['train']:.0f} s of training")  # fmt: skip

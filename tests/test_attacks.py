@@ -85,6 +85,21 @@ def test_denoising_loss_is_the_epsilon_mse_at_the_drawn_t(tiny_model):
     assert at_init.item() != pytest.approx(loss.item(), rel=1e-3)  # a one-step generator is fitted at t_init
 
 
+def test_attack_and_relearning_run_in_bf16_as_on_a_gpu(tiny_sd):
+    """--dtype bf16's regime (eval.py's default on CUDA): frozen models bf16 under autocast, the soft prompt and the
+    relearned UNet fp32 (loaded again from disk), losses fp32."""
+    model = common.load_model(tiny_sd, device="cpu", dtype="bf16")
+    x0 = attacks.target_latents(model, ["an image of a church"], 2, seed=0)
+    adv, losses = attacks.soft_prompt_attack(model, ["an image of a church"], x0, steps=3, tokens=2)
+    assert adv.dtype == torch.float32 and adv.shape == (2, model.text_encoder.config.hidden_size)
+    assert model.unet.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(losses)))
+    seen = {}
+    scores, losses = attacks.relearn(
+        model, ["an image of a church"], x0, [1, 2], 1e-4, score=lambda s, u: seen.setdefault(s, u.dtype)
+    )
+    assert seen == scores == {1: torch.float32, 2: torch.float32} and len(losses) == 2
+
+
 # ---------------------------------------------------------------- efficacy, through eval.py
 
 
@@ -110,7 +125,10 @@ def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny
     )
     random = run_eval(run, church_csv, "--attack", "soft_prompt")["attack"]
     print("random UNet", random["ASR"], random["UA_clean"])
-    assert random["ASR"] <= 0.1 and random["UA_clean"] >= 0.9  # a random UNet draws nothing to find
+    # A random UNet draws coloured noise, and the tiny judge, a closed 10-way classifier with no "nothing" class,
+    # takes about half of it for church (0.45 of the clean images, confidently): the attack must find no more
+    # church than that, where on the base model it finds church in most images.
+    assert random["ASR"] <= (1 - random["UA_clean"]) + 0.15 and random["ASR"] <= attack["ASR"] - 0.2
 
 
 def test_attack_and_relearn_on_a_one_step_generator(tiny_sd, church_csv, tmp_path):
@@ -122,11 +140,14 @@ def test_attack_and_relearn_on_a_one_step_generator(tiny_sd, church_csv, tmp_pat
     info = json.load(open(run / "args.json"))
     common.save_json(str(run / "args.json"), dict(info, method="sfd", sampler=dict(t_init=625)))
     sfd.load_generator(common.load_model(tiny_sd, device="cpu"), sfd.TINY_GENERATOR).save_pretrained(run / "unet")
-    m = run_eval(run, church_csv, "--attack", "soft_prompt", "--relearn", "5")
+    m = run_eval(run, church_csv, "--attack", "soft_prompt", "--relearn", "5", "2")
     print("one-step generator", m["attack"]["ASR"], m["attack"]["UA_clean"], m["relearn"]["UA"])
     assert m["generation"]["sampler"] == "one step at t_init=625" and "t_init 625" in m["attack"]["definition"]
     assert m["attack"]["ASR"] >= 0.6 and m["summary"]["UA"] <= 0.3
-    assert m["relearn"]["UA"] <= 0.3 and m["relearn"]["steps"] == 5
+    assert m["relearn"]["steps"] == [2, 5] and max(m["relearn"]["UA"]) <= 0.3
+    assert m["summary"]["UA_relearn_5"] == m["relearn"]["UA"][1]
+    for step in (2, 5):
+        assert len([f for f in os.listdir(run / "relearn" / str(step)) if f.endswith(".png")]) == int(N)
 
 
 # ---------------------------------------------------------------- bad input
@@ -137,6 +158,7 @@ def test_bad_budgets_exit_2_with_one_line(capsys):
         (["x", "--attack", "soft_prompt", "--attack_steps", "0"], "--attack_steps must be >= 1, got 0"),
         (["x", "--attack", "soft_prompt", "--attack_tokens", "0"], "--attack_tokens must be >= 1, got 0"),
         (["x", "--relearn", "0"], "--relearn must be >= 1, got 0"),
+        (["x", "--relearn", "5", "-2"], "--relearn must be >= 1, got -2"),
         (["x", "--relearn", "3", "--target_images", "0"], "--target_images must be >= 1, got 0"),
         (["x", "--attack", "soft_prompt", "--attack_lr", "0"], "--attack_lr must be > 0, got 0.0"),
         (["x", "--attack", "text_grad"], "invalid choice: 'text_grad'"),

@@ -3,6 +3,7 @@ script runs its SD path (the "sd" world's defaults: gradient checkpointing, LoRA
 bf16 on a narrow copy of that architecture."""
 
 import json
+import math
 import os
 import sys
 
@@ -46,3 +47,18 @@ def test_every_script_trains_on_the_sd_architecture_in_bf16(reduced):
     assert rl["train_params"] == "LoRA rank 4" and rl["logratio"] < 1e-3
     table = sd_architecture.table(rows, "cpu")
     assert table.count("\n") == 1 + len(scripts) and "--batch_size 2" in table
+
+
+def test_attack_and_relearning_run_on_the_sd_architecture_in_bf16(reduced):
+    """eval.py's --attack soft_prompt and --relearn on SD's structure (77-token text encoder, SD's schedule), bf16."""
+    import attacks
+    import common
+
+    model = common.load_model(os.path.join(reduced, "sd"), device="cpu", dtype="bf16")
+    assert model.world == "sd" and model.tokenizer.model_max_length == 77
+    prompts = ["an image of a church"]
+    x0 = attacks.target_latents(model, prompts, 1, seed=0)
+    adv, losses = attacks.soft_prompt_attack(model, prompts, x0, steps=2, tokens=5)
+    assert adv.shape == (5, 64) and adv.dtype == torch.float32 and all(map(math.isfinite, losses))
+    scores, losses = attacks.relearn(model, prompts, x0, [1], attacks.RELEARN_LR["sd"], score=lambda s, u: u.dtype)
+    assert scores == {1: torch.float32} and math.isfinite(losses[0])
