@@ -4,6 +4,7 @@
     python benchmark/collect.py runs/bench/fdiv runs/bench/sfd --base runs/bench/base runs/bench/sfd_base
     python benchmark/collect.py runs/bench/fdiv --per_run          # one row per run: times and memory of each
     python benchmark/collect.py runs/bench/* runs/rlc_c1 --efficiency   # step time / UNet-pass time per method
+    python benchmark/collect.py runs/bench/esd --robustness --base runs/bench/robustness_base   # attack, relearning
 
 Run folders are named `{variant}__{concept}__s{seed}` (the benchmark scripts' `--out_dir`); rows group the seeds of a
 (variant, concept) and show mean +- std (sample std over seeds; one seed: the value alone). `--base FOLDER` adds the
@@ -17,6 +18,10 @@ benchmark existed; older runs show "-").
 `--efficiency` needs only summary.json: per variant, the time of a training step over the time of the UNet passes that
 step needs, measured by the method script in the same process (1.0 = no overhead; the bar: at most 1.3). A
 FOLDER may also be a single run folder with any name (then its variant is the folder name).
+
+`--robustness` reads each run's robustness.json (`eval.py RUN --metrics ua --attack soft_prompt --relearn N...
+--output RUN/robustness.json`, benchmark/robustness.sh): clean UA, the attack's ASR and the UA after each relearning
+step count, mean +- std over seeds; `--base` then holds the base model's robustness.json per concept.
 """
 
 import argparse
@@ -176,6 +181,39 @@ def efficiency_table(runs: list[dict], bar: float = 1.3) -> str:
     return "\n".join(lines)
 
 
+def robustness_table(folders: list, base_dir: str | None) -> str:
+    """Per (variant, concept): clean UA, ASR under --attack soft_prompt, UA after each --relearn step count."""
+    groups = {}
+    for folder in folders:
+        for run in sorted(glob.glob(os.path.join(folder, "*__s*"))):
+            m, r = NAME.match(os.path.basename(run)), load(os.path.join(run, "robustness.json"))
+            if m and r is not None:
+                groups.setdefault((m["variant"], m["concept"].replace("_", " ")), []).append(r)
+    steps = sorted({s for rs in groups.values() for r in rs for s in r.get("relearn", {}).get("steps", [])})
+    relearned = lambda r, s: r["relearn"]["UA"][r["relearn"]["steps"].index(s)] if s in r.get("relearn", {}).get(
+        "steps", []) else None  # fmt: skip
+    row = lambda name, concept, seeds, rs: (
+        f"| {name} | {concept} | {seeds} | {fmt([r['summary']['UA'] for r in rs])} | "
+        f"{fmt([r.get('attack', {}).get('ASR') for r in rs])} | "
+        + " | ".join(fmt([relearned(r, s) for r in rs]) for s in steps)
+        + " |"
+    )
+    lines = [
+        "| method | concept | seeds | UA (clean) | ASR (soft prompt) | "
+        + " | ".join(f"UA after relearning {s} steps" for s in steps)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(steps),
+    ]
+    seen = set()
+    for (variant, concept), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = load(os.path.join(base_dir, f"{concept.replace(' ', '_')}.json")) if base_dir else None
+        if base and concept not in seen:
+            seen.add(concept)
+            lines.append(row("base model", concept, "-", [base]))
+        lines.append(row(variant, concept, len(rs), rs))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", help="folders holding run folders named {variant}__{concept}__s{seed}")
@@ -190,6 +228,7 @@ def main(argv=None):
     p.add_argument("--per_run", action="store_true", help="one row per run instead of mean +- std per variant")
     p.add_argument("--efficiency", action="store_true", help="step time / UNet-pass time per variant (summary.json)")
     p.add_argument("--bar", type=float, default=1.3, help="--efficiency: flag ratios above this")
+    p.add_argument("--robustness", action="store_true", help="attack ASR and relearned UA (robustness.json)")
     args = p.parse_args(argv)
     for folder in args.folders:
         if not os.path.isdir(folder):
@@ -199,6 +238,9 @@ def main(argv=None):
         if not runs:
             p.exit(2, f"error: no run folders with summary.json in {args.folders}\n")
         print(efficiency_table(runs, args.bar))
+        return
+    if args.robustness:
+        print(robustness_table(args.folders, (args.base or [None])[0]))
         return
     bases = args.base or [None]
     if len(bases) not in (1, len(args.folders)):
