@@ -15,7 +15,7 @@ Deviations from the attack paper and its code:
   counts prompts); a fresh t ~ U{0..999} and noise each step for the whole batch (official: 50 timesteps in turn,
   40 steps each, one image); targets are the base sampler's latents (official: its image through the VAE encoder);
 - a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
-Defaults: 5 tokens, 100 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed).
+Defaults: 5 tokens, 300 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed).
 
 Tiny: python eval.py runs/fdiv__church__s0 --attack soft_prompt --relearn 50  (attack 25 s, relearn 20 s beyond
       eval.py's own 45 s, on one CPU thread)
@@ -45,7 +45,7 @@ BUDGETS = ["attack_steps", "attack_tokens", "relearn", "target_images"]  # each 
 
 def add_args(p) -> None:
     p.add_argument("--attack", choices=ATTACKS, help="attack the UNet of a run or model: ASR into metrics.json")
-    p.add_argument("--attack_steps", type=int, default=100, help="Adam steps on the adversarial token embeddings")
+    p.add_argument("--attack_steps", type=int, default=300, help="Adam steps on the adversarial token embeddings")
     p.add_argument("--attack_tokens", type=int, default=5, help="adversarial tokens put before the prompt's tokens")
     p.add_argument("--attack_lr", type=float, default=1e-2, help="Adam learning rate of the adversarial embeddings")
     p.add_argument("--relearn", type=int, nargs="+", metavar="N", help="fine-tune a copy of the UNet, UA after N steps")
@@ -81,7 +81,13 @@ def check(job: dict, args) -> dict:
     if job["run"].get("method") == "sfd" and "t_init" not in (job["run"].get("sampler") or {}):
         raise UsageError(f"{what}: {job['path']}/args.json is an SFD run without its 'sampler' (its unet/ is a "
                          'one-step generator; sfd.py writes "sampler": {"t_init": 625})')  # fmt: skip
-    forget_rows(args.prompts, job["forget"])
+    rows = forget_rows(args.prompts, job["forget"])
+    if args.attack:  # the soft tokens fit beside the prompt: checked by the tokenizer alone, before any slow work
+        from transformers import CLIPTokenizer
+
+        base = job["run"]["base_model"]
+        tok = CLIPTokenizer.from_pretrained(common.TINY if base == "tiny" else base, subfolder="tokenizer")
+        check_room(tok, [r["prompt"] for r in rows], args.attack_tokens)
     return job
 
 
@@ -96,16 +102,22 @@ def forget_rows(prompt_file: str, forget: str) -> list[dict]:
 # ALGO LOGIC: the soft prompt, the denoising objective, relearning
 
 
+def check_room(tok, prompts: list[str], k: int) -> None:
+    """A UsageError unless k soft tokens fit beside every prompt's tokens in the text encoder's context."""
+    length = max(len(tok(p).input_ids) for p in prompts)  # BOS, tokens, EOS
+    if length + k > tok.model_max_length:
+        raise UsageError(f"--attack_tokens {k}: the prompt has {length} tokens with BOS and EOS, the text encoder "
+                         f"takes {tok.model_max_length}: at most {tok.model_max_length - length} adversarial tokens "
+                         "fit")  # fmt: skip
+
+
 def soft_prompt_states(model: common.Model, prompts: list[str], adv: torch.Tensor) -> torch.Tensor:
     """Text states (N, L, D) of [BOS, P_1..P_k, prompt tokens, EOS, pad...]: the k embeddings `adv` (k, D) replace the
     token embeddings after BOS (a forward hook on the embedding table, removed after), the rest as encode_prompts."""
     tok, k = model.tokenizer, len(adv)
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
     ids = ids.input_ids  # (N, L)
-    length = int((ids == tok.eos_token_id).int().argmax(1).max()) + 1  # BOS, tokens, EOS
-    if length + k > len(ids[0]):
-        raise UsageError(f"--attack_tokens {k}: the prompt has {length} tokens with BOS and EOS, the text encoder "
-                         f"takes {len(ids[0])}: at most {len(ids[0]) - length} adversarial tokens fit")  # fmt: skip
+    check_room(tok, prompts, k)
     ids = torch.cat([ids[:, :1], torch.full((len(ids), k), tok.bos_token_id), ids[:, 1 : len(ids[0]) - k]], 1)
 
     def put(module, inputs, out):  # (N, L, D) token embeddings, positions 1..k <- P

@@ -3,7 +3,8 @@
 # eval.py on every run, then one table with mean +- std, training wall time, step / UNet passes and peak memory
 # (benchmark/collect.py), and one row per run with its own times (--per_run). The methods: ESD (fdiv.py --anchor esd
 # --divergence mse) beside the official esd_sd.py, f-divergence (hellinger), PURE, SFD, RL critic; each method
-# script's extra rows (ablations, the paper's RL critic, the divergence study) come along (docs/results.md). The
+# script's extra rows (ablations, the paper's RL critic, the divergence study) come along (docs/results.md), then the
+# soft-prompt attack and relearning on the main rows (benchmark/robustness.sh, runs/bench/robustness.md). The
 # base-model rows are eval.py on the base model (SFD: on its distilled generator).
 #
 #   bash benchmark/tiny_table.sh PATH/TO/erasing                  (from the repository root; one lane; the path is a
@@ -27,6 +28,7 @@ OUT=$ROOT_OUT/fdiv_divergences bash benchmark/fdiv_divergences.sh
 OUT=$ROOT_OUT/pure ABLATION_SEEDS=${ABLATION_SEEDS:-"0 1 2"} bash benchmark/pure.sh
 OUT=$ROOT_OUT/sfd SFD_BASE=$ROOT_OUT/sfd_base bash benchmark/sfd.sh
 OUT=$ROOT_OUT/rl_critic bash benchmark/rl_critic.sh
+OUT_ROOT=$ROOT_OUT bash benchmark/robustness.sh  # the attack and relearning table: robustness.md
 [ -n "${DRY_RUN:-}" ] && exit 0
 
 folders=("$ROOT_OUT/esd" "$ROOT_OUT/fdiv" "$ROOT_OUT/pure" "$ROOT_OUT/sfd" "$ROOT_OUT/rl_critic")

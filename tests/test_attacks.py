@@ -111,7 +111,7 @@ def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny
     print("base model", attack["ASR"], attack["UA_clean"])
     assert attack["ASR"] >= 0.7 and base["summary"]["ASR"] == attack["ASR"]  # the base model still draws church
     assert attack["UA_clean"] == base["summary"]["UA"] <= 0.2 and attack["n_images"] == int(N)
-    assert attack["budget"]["steps"] == 100 and attack["budget"]["tokens"] == 5 and attack["seconds"]["optimise"] > 0
+    assert attack["budget"]["steps"] == 300 and attack["budget"]["tokens"] == 5 and attack["seconds"]["optimise"] > 0
     assert attack["loss"]["mean_last_10"] < attack["loss"]["first"]  # the objective went down
     folder = attack["images"]
     assert len([f for f in os.listdir(folder) if f.endswith(".png")]) == int(N)
@@ -180,6 +180,7 @@ CANNOT = {  # case -> what the message must say
     "image folder": "is an image folder, with no UNet to attack",
     "sfd without sampler": "args.json is an SFD run without its 'sampler'",
     "no row of the class": "--forget_class 'tench': ",
+    "too many soft tokens": "--attack_tokens 10: the prompt has 7 tokens with BOS and EOS, the text encoder takes 16",
 }
 
 
@@ -193,6 +194,8 @@ def test_what_cannot_be_attacked_is_one_usage_error(case, tiny_sd, church_csv, t
         path = tiny_sd
     elif case == "no row of the class":  # the prompt file has only the church row
         path, flags = tiny_sd, flags + ["--forget_class", "tench"]
+    elif case == "too many soft tokens":
+        path, flags = tiny_sd, flags + ["--forget_class", "church", "--attack_tokens", "10"]
     elif case == "image folder":
         pictonette.write_folder(path, 2, 3000, ["church"])
     else:

@@ -128,6 +128,7 @@ def test_tiny_table_covers_every_method_x_3_classes_x_3_seeds():
     once = [j[1] for j in jobs if j[0] == "once"]
     assert len(set(j[2] for j in jobs if j[0] == "once" and j[1] == "base-eval")) == 3
     assert once.count("sfd-base-eval") == 3 and "sfd-base-generator" in once
+    assert "robustness-base" in once  # then the attack on every trained run (benchmark/robustness.sh)
 
 
 def test_eval_records_its_own_generation_and_scoring_time(tmp_path):
@@ -139,3 +140,20 @@ def test_eval_records_its_own_generation_and_scoring_time(tmp_path):
     evaluate.main(evaluate.parse_args([str(folder), "--metrics", "ua", "--device", "cpu"]))
     sec = json.load(open(folder / "metrics.json"))["seconds"]
     assert sec["generate"] < 1 and sec["score"] > 0  # an image folder: nothing generated
+
+
+def test_robustness_table_has_clean_ua_asr_and_relearned_ua_per_step(tmp_path, capsys):
+    runs, base = tmp_path / "runs", tmp_path / "base"
+    write(base / "church.json", dict(summary=dict(UA=0.02), attack=dict(ASR=0.8), relearn=dict(steps=[5], UA=[0.0])))
+    for seed, (ua, asr, relearned) in enumerate([(1.0, 0.2, [0.9, 0.1]), (0.98, 0.4, [0.7, 0.0])]):
+        write(
+            runs / f"esd__church__s{seed}" / "robustness.json",
+            dict(summary=dict(UA=ua), attack=dict(ASR=asr), relearn=dict(steps=[5, 50], UA=relearned)),
+        )
+    write(runs / "pure__church__s0" / "metrics.json", dict(summary=dict(UA=1.0)))  # not attacked: left out
+    collect.main([str(runs), "--robustness", "--base", str(base)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("| UA after relearning 5 steps | UA after relearning 50 steps |")
+    assert out[2] == "| base model | church | - | 0.020 | 0.800 | 0.000 | n/a |"
+    assert out[3] == "| esd | church | 2 | 0.990 +- 0.014 | 0.300 +- 0.141 | 0.800 +- 0.141 | 0.050 +- 0.071 |"
+    assert len(out) == 4
