@@ -1,25 +1,27 @@
 """Is the concept really gone? A soft-prompt attack on, and relearning of, an unlearned UNet; eval.py runs them.
 
 --attack soft_prompt: UnlearnDiffAtk (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are
-Still Easy To Generate Unsafe Images", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack, read, not
-copied). k token embeddings P, put after BOS and before the forget prompt's tokens, are fitted to the frozen unlearned
-UNet eps_theta' with the attack's denoising objective on images x_0 of the concept drawn by the base model, then the
-forget class's evaluation images are drawn from [P; prompt]: ASR = share the judge takes for the concept (= 1 - UA
-under attack), beside the clean UA. --relearn N: N Adam steps of the plain denoising loss on the same base-model
-images fine-tune a copy of the unlearned UNet, then UA again: how fast the concept comes back.
-Deviations from the attack paper and its code:
-- soft tokens: continuous embeddings, initialised at the vocabulary's mean embedding (the official init, a uniform
-  distribution over the vocabulary), not tokens projected onto the vocabulary; Adam without weight decay;
-- one soft prompt for all the evaluation images, fitted on --target_images base-model images of other seeds (the
-  official attack fits each prompt and seed in turn, stops at the first image the judge takes for the concept, and
-  counts prompts); a fresh t ~ U{0..999} and noise each step for the whole batch (official: 50 timesteps in turn,
-  40 steps each, one image); targets are the base sampler's latents (official: its image through the VAE encoder);
+Still Easy To Generate Unsafe Images ... For Now", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack).
+k token embeddings P, after BOS and before the forget prompt's tokens, are fitted to the frozen unlearned UNet with the
+attack's diffusion-classifier objective min_P E_{t,eps} || eps_theta'(x_t, t, [P; prompt]) - eps ||^2 on images x_0
+of the concept drawn by the base model; then the forget class's evaluation images are drawn from [P; prompt]:
+ASR = share the judge takes for the concept (1 - UA under attack), beside the clean UA. --relearn N [N ...]: a copy of
+the unlearned UNet fine-tuned on the same base-model images with the plain denoising loss; UA after each N steps.
+Deviations from the paper and its code:
+- P is free continuous embeddings, started at the vocabulary's mean embedding (the official text_grad attack's
+  uniform start), not projected onto the vocabulary; 5 tokens (official church config: 3); Adam without weight decay
+  (official 0.1);
+- one P for all the evaluation images, fitted on --target_images base-model images of other seeds, 300 steps, a fresh
+  t ~ U{0..999} and noise per step (official: per prompt, 40 steps at each of a set of timesteps, one image, stopping
+  at the first success; a prompt whose clean image already shows the concept counts as a success); the targets are
+  the base sampler's latents (official: its image through the VAE encoder);
 - a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
-Defaults: 5 tokens, 300 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed).
+Defaults: 5 tokens, 300 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed);
+relearning: Adam on every UNet parameter, lr 1e-4 (tiny) or 1e-5 (SD), batch = the target images.
 
-Tiny: python eval.py runs/fdiv__church__s0 --attack soft_prompt --relearn 50  (attack 25 s, relearn 20 s beyond
-      eval.py's own 45 s, on one CPU thread)
-SD:   python eval.py runs/esd__church__s0 --attack soft_prompt  (the ResNet-50 judge; on a GPU)
+Tiny: python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 5 10 20 50  (about a minute beyond eval.py's
+      own, one CPU thread: fitting P ~25 s, 50 images ~6 s per set, relearning ~5 s)
+SD:   python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 50  (the ResNet-50 judge; on a GPU)
 """
 
 import os

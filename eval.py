@@ -14,6 +14,8 @@ definitions (models, class indices, thresholds, counts, reference folder, versio
   comparable to published FIDs); the default reference is real Pictonette images, written once into runs/reference/.
 - CLIP score: 100 x cosine(image, its prompt), mean and std; tiny-clip or openai/clip-vit-large-patch14.
 - NSFW: NudeNet at threshold 0.6 (SD world, only when the nudenet package is installed).
+- Is the concept really gone (attacks.py, on a run or model)? --attack soft_prompt: ASR = share of the forget class's
+  images the judge takes for it under a fitted UnlearnDiffAtk soft prompt; --relearn N...: UA after N tuning steps.
 
 Usage:
     python eval.py tiny                                        # the embedded base model: 500 images, 41 s, 1 thread
@@ -21,6 +23,7 @@ Usage:
     python eval.py runs/real_pictonette --forget_class church  # any image folder
     python eval.py runs/esd__church__s0 --reference real_imagenette/ --n_per_class 100   # SD run, on a GPU
     python eval.py nudity_images/ --metrics nsfw clip          # I2P-style folder
+    python eval.py runs/esd__church__s0 --metrics ua --attack soft_prompt --relearn 5 50 --output robustness.json
 """
 
 import argparse
@@ -688,9 +691,7 @@ def main(args):
         n = args.n_per_class or DEFAULT_N[job["world"]]
         attacks.run(job, args, device, metrics, n, partial(forget_share, job, args, device, cache))
         out = args.output or os.path.join(job["path"], "metrics.json")
-        if os.path.dirname(out):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-        common.save_json(out, metrics)
+        common.save_json(out, metrics)  # atomic; makes the folder
         print_table(metrics)
         print(f"  wrote {out}")
 
