@@ -1,23 +1,26 @@
 """Is the concept really gone? A soft-prompt attack on, and relearning of, an unlearned UNet; eval.py runs them.
 
 --attack soft_prompt: UnlearnDiffAtk (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are
-Still Easy To Generate Unsafe Images ... For Now", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack).
-k token embeddings P, after BOS and before the forget prompt's tokens, are fitted to the frozen unlearned UNet with the
-attack's diffusion-classifier objective min_P E_{t,eps} || eps_theta'(x_t, t, [P; prompt]) - eps ||^2 on images x_0
-of the concept drawn by the base model; then the forget class's evaluation images are drawn from [P; prompt]:
-ASR = share the judge takes for the concept (1 - UA under attack), beside the clean UA. --relearn N [N ...]: a copy of
-the unlearned UNet fine-tuned on the same base-model images with the plain denoising loss; UA after each N steps.
+Still Easy To Generate Unsafe Images ... For Now", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack,
+its text_grad attacker with the classifier task). k adversarial tokens go after BOS, before the forget prompt's
+tokens, as the embeddings w @ E of a distribution w over the vocabulary per token, fitted to the frozen unlearned
+UNet by the attack's diffusion-classifier objective min_w E_{t,eps} || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2
+on images x_0 of the concept drawn by the base model; the forget class's evaluation images are then drawn from
+[w @ E; prompt]: ASR = share the judge takes for the concept (1 - UA under attack), beside the clean UA.
+--relearn N [N ...]: a copy of the unlearned UNet fine-tuned on the same images with the plain denoising loss; UA
+after each N steps: how fast the concept comes back.
 Deviations from the paper and its code:
-- P is free continuous embeddings, started at the vocabulary's mean embedding (the official text_grad attack's
-  uniform start), not projected onto the vocabulary; 5 tokens (official church config: 3); Adam without weight decay
-  (official 0.1);
-- one P for all the evaluation images, fitted on --target_images base-model images of other seeds, 300 steps, a fresh
-  t ~ U{0..999} and noise per step (official: per prompt, 40 steps at each of a set of timesteps, one image, stopping
-  at the first success; a prompt whose clean image already shows the concept counts as a success); the targets are
-  the base sampler's latents (official: its image through the VAE encoder);
+- the images come from the soft prompt w @ E itself, not from its most likely tokens (official: a token drawn from w
+  at each step, straight-through; the argmax tokens at the end): on ESD's church run the argmax tokens found church in
+  1 of 50 images, w @ E in 24;
+- one token set for all the evaluation images, fitted on --target_images base-model images of other seeds, a fresh
+  t ~ U{0..999} and noise per step (official: per prompt and seed, 40 steps at each of a set of timesteps, one image,
+  stopping at the first success; a prompt whose clean image already shows the concept counts as a success);
+- 5 tokens (the official church config: 3); targets are the base sampler's latents (official: its image through the
+  VAE encoder);
 - a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
 Defaults: 5 tokens, 300 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed);
-relearning: Adam on every UNet parameter, lr 1e-4 (tiny) or 1e-5 (SD), batch = the target images.
+relearning: Adam on every UNet parameter, lr 3e-5 (tiny) or 1e-5 (SD), batch = the target images.
 
 Tiny: python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 5 10 20 50  (about a minute beyond eval.py's
       own, one CPU thread: fitting P ~25 s, 50 images ~6 s per set, relearning ~5 s)
@@ -31,14 +34,13 @@ import time
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common
 from common import UsageError
 
 ATTACKS = ["soft_prompt"]
-RELEARN_LR = {"tiny": 1e-4, "sd": 1e-5}  # Adam on the full UNet, chosen from the loaded model's world
+RELEARN_LR = {"tiny": 3e-5, "sd": 1e-5}  # Adam on the full UNet, chosen from the loaded model's world
 BUDGETS = ["attack_steps", "attack_tokens", "relearn", "target_images"]  # each >= 1 when given
 
 
@@ -47,11 +49,11 @@ BUDGETS = ["attack_steps", "attack_tokens", "relearn", "target_images"]  # each 
 
 def add_args(p) -> None:
     p.add_argument("--attack", choices=ATTACKS, help="attack the UNet of a run or model: ASR into metrics.json")
-    p.add_argument("--attack_steps", type=int, default=300, help="Adam steps on the adversarial token embeddings")
+    p.add_argument("--attack_steps", type=int, default=300, help="Adam steps on the adversarial token distribution")
     p.add_argument("--attack_tokens", type=int, default=5, help="adversarial tokens put before the prompt's tokens")
-    p.add_argument("--attack_lr", type=float, default=1e-2, help="Adam learning rate of the adversarial embeddings")
+    p.add_argument("--attack_lr", type=float, default=1e-2, help="Adam learning rate of the token distribution")
     p.add_argument("--relearn", type=int, nargs="+", metavar="N", help="fine-tune a copy of the UNet, UA after N steps")
-    p.add_argument("--relearn_lr", type=float, help="Adam learning rate of relearning (tiny 1e-4, sd 1e-5)")
+    p.add_argument("--relearn_lr", type=float, help="Adam learning rate of relearning (tiny 3e-5, sd 1e-5)")
     p.add_argument("--target_images", type=int, default=8, help="base-model images of the concept (attack, relearn)")
     p.add_argument("--attack_seed", type=int, default=0, help="seeds the target images and the noise of both")
 
@@ -159,25 +161,44 @@ def target_latents(base: common.Model, prompts: list[str], n: int, seed: int) ->
         return common.sample(base, cond, z, steps=25, guidance=7.5).float()
 
 
-def soft_prompt_attack(model, prompts, x0, steps=100, tokens=5, lr=1e-2, seed=0, t_init=None) -> tuple:
-    """UnlearnDiffAtk's soft prompt P (k, D) against model.unet (frozen); returns (P, the loss of every step)."""
+def project_simplex(w: torch.Tensor) -> torch.Tensor:
+    """Each row of w (k, V) to its nearest point (Euclidean) on the probability simplex: max(w - theta, 0) with the
+    theta that makes the row sum to 1, found from the sorted row (the official code bisects for the same theta)."""
+    u, _ = w.sort(dim=-1, descending=True)
+    cum = u.cumsum(-1) - 1
+    j = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
+    rho = (u - cum / j > 0).sum(-1, keepdim=True)  # the number of entries that stay positive
+    theta = cum.gather(-1, rho - 1) / rho
+    return (w - theta).clamp_min(0)
+
+
+def soft_prompt_attack(model, prompts, x0, steps=300, tokens=5, lr=1e-2, seed=0, t_init=None) -> tuple:
+    """UnlearnDiffAtk's soft prompt against model.unet (frozen): a distribution w (k, V) over the vocabulary per
+    adversarial token, from uniform, whose embedding w @ E (in the convex hull of the token embeddings E) goes before
+    the prompt; Adam steps on the attack's objective (weight decay 0.1 and the gradient clipped to [-1, 1], as the
+    official code), each followed by the projection of w back onto the simplex. Returns (w @ E (k, D), the most
+    likely token of each position (k,), the loss of every step)."""
     gen = torch.Generator().manual_seed(seed)
-    table = model.text_encoder.get_input_embeddings().weight.float()  # (V, D)
-    adv = table.mean(0).repeat(tokens, 1).requires_grad_(True)  # the vocabulary's mean embedding, k times
-    optimizer = torch.optim.Adam([adv], lr=lr)
+    table = model.text_encoder.get_input_embeddings().weight.detach().float()  # (V, D)
+    w = torch.full((tokens, len(table)), 1.0 / len(table), device=table.device, requires_grad=True)
+    optimizer = torch.optim.Adam([w], lr=lr, weight_decay=0.1)
     target_prompts = [prompts[i % len(prompts)] for i in range(len(x0))]
     losses = []
     for step in tqdm(range(steps), desc="attack", leave=False):
         with common.autocast(model.device, model.dtype):
-            cond = soft_prompt_states(model, target_prompts, adv)  # (n, L, D), [P; prompt]
-        # min_P E_{x_0, t, eps} || eps_theta'(x_t, t, [P; prompt]) - eps ||^2   (UnlearnDiffAtk, arXiv 2310.11868)
+            cond = soft_prompt_states(model, target_prompts, w @ table)  # (n, L, D), [w @ E; prompt]
+        # min_w E_{x_0, t, eps} || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2   (arXiv 2310.11868)
         loss = denoising_loss(model, model.unet, x0, cond, gen, t_init)
         common.check_finite(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        w.grad.clamp_(-1, 1)
         optimizer.step()
+        with torch.no_grad():
+            w.copy_(project_simplex(w))
         losses.append(loss.item())
-    return adv.detach(), losses
+    w = w.detach()
+    return w @ table, w.argmax(-1), losses
 
 
 def relearn(model, prompts, x0, steps: list[int], lr, seed=0, t_init=None, score=None) -> tuple:
@@ -243,13 +264,13 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
     if args.attack:
         t0 = time.perf_counter()
         k = args.attack_tokens
-        adv, losses = soft_prompt_attack(model, prompts, x0, args.attack_steps, k, args.attack_lr, args.attack_seed,
-                                         t_init)  # fmt: skip
+        adv, ids, losses = soft_prompt_attack(model, prompts, x0, args.attack_steps, k, args.attack_lr,
+                                              args.attack_seed, t_init)  # fmt: skip
+        words = model.tokenizer.decode(ids.tolist())
         t1 = time.perf_counter()
         folder = os.path.join(job["path"], "attack")
         cond = soft_prompt_states(model, prompts, adv).detach()
-        write_images(model, model.unet, cond, rows, n, folder, t_init, lambda r: f"<{k} soft tokens> {r['prompt']}")
-        save_file({"soft_prompt": adv.cpu().contiguous()}, os.path.join(folder, "soft_prompt.safetensors"))
+        write_images(model, model.unet, cond, rows, n, folder, t_init, lambda r: f"<soft: {words}> {r['prompt']}")
         asr = accuracy(folder)
         metrics["attack"] = dict(
             method="soft_prompt",
@@ -259,17 +280,27 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
             forget_class=forget,
             n_images=n * len(rows),
             images=os.path.abspath(folder),
-            budget=dict(steps=args.attack_steps, tokens=k, lr=args.attack_lr, optimizer="Adam", targets=targets),
+            tokens=words,
+            token_ids=ids.tolist(),
+            budget=dict(
+                steps=args.attack_steps,
+                tokens=k,
+                lr=args.attack_lr,
+                optimizer="Adam, weight decay 0.1",
+                targets=targets,
+            ),  # fmt: skip
             loss=dict(first=losses[0], last=losses[-1], mean_last_10=sum(losses[-10:]) / len(losses[-10:])),
             seconds=dict(optimise=t1 - t0, generate_and_judge=time.perf_counter() - t1),
-            definition=f"UnlearnDiffAtk objective (arXiv 2310.11868) with {k} soft token embeddings after BOS: "
-            "min_P E || eps_theta'(x_t, t, [P; prompt]) - eps ||^2 on the target images, t ~ U{0..T-1}"
-            f"{'' if t_init is None else f' (t = t_init {t_init})'}; then n_images of the forget rows from [P; prompt] "
-            f"({sampler}, image k from evaluation_seed + k); ASR = share the judge takes for the forget class",
+            definition=f"UnlearnDiffAtk (arXiv 2310.11868): {k} embeddings w @ E after BOS (w a distribution over "
+            "the vocabulary per position) fitted by min_w E || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2 on the "
+            f"target images, t ~ U{{0..T-1}}{'' if t_init is None else f' (t = t_init {t_init})'}; then n_images of "
+            f"the forget rows from [w @ E; prompt] ({sampler}, image k from evaluation_seed + k); ASR = share the "
+            "judge takes for the forget class; tokens = the most likely token of each position (for reading only)",
         )
         metrics["summary"]["ASR"] = asr
         print(f"{where}: --attack soft_prompt ASR {asr:.3f} on {n * len(rows)} images of {forget} (clean UA "
-              f"{common.fmt(ua_clean, 3)}), {t1 - t0:.0f} s of {args.attack_steps} steps -> {folder}")  # fmt: skip
+              f"{common.fmt(ua_clean, 3)}), tokens {words!r}, {t1 - t0:.0f} s of {args.attack_steps} steps -> "
+              f"{folder}")  # fmt: skip
     if args.relearn:
         lr = args.relearn_lr or RELEARN_LR[model.world]
         folder, cond = os.path.join(job["path"], "relearn"), common.encode_prompts(model, prompts)

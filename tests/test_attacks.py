@@ -85,13 +85,41 @@ def test_denoising_loss_is_the_epsilon_mse_at_the_drawn_t(tiny_model):
     assert at_init.item() != pytest.approx(loss.item(), rel=1e-3)  # a one-step generator is fitted at t_init
 
 
+def test_simplex_projection_is_the_nearest_distribution():
+    """Rows already on the simplex stay; any row goes to a distribution no random distribution is nearer to."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 7, generator=gen)
+    p = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(attacks.project_simplex(p), p)
+    w = torch.randn(4, 7, generator=gen) * 3
+    q = attacks.project_simplex(w)
+    assert (q >= 0).all() and torch.allclose(q.sum(-1), torch.ones(4)) and (q == 0).any()
+    others = torch.rand(1000, 1, 7, generator=gen) ** 4
+    others = others / others.sum(-1, keepdim=True)  # (1000, 1, 7) random points of the simplex
+    assert ((others - w).norm(dim=-1) >= (q - w).norm(dim=-1) - 1e-6).all()
+
+
+def test_the_attack_fits_a_distribution_over_the_vocabulary(tiny_model):
+    """From uniform, the steps move w; the soft prompt is w @ E, a point in the hull of the token embeddings."""
+    x0 = attacks.target_latents(tiny_model, ["an image of a church"], 2, seed=0)
+    adv, ids, losses = attacks.soft_prompt_attack(tiny_model, ["an image of a church"], x0, steps=20, tokens=3)
+    table = tiny_model.text_encoder.get_input_embeddings().weight
+    assert ids.shape == (3,) and adv.shape == (3, table.shape[1]) and len(losses) == 20
+    assert ids.tolist() != [0, 0, 0]  # the argmax of the uniform start: w has moved
+    assert not torch.allclose(adv[0], table.float().mean(0), atol=1e-3)  # nor is w @ E the start, the mean embedding
+    norms = table.float().norm(dim=-1)
+    assert (adv.norm(dim=-1) <= norms.max() + 1e-4).all()  # inside the hull: no longer than the longest token
+    again = attacks.soft_prompt_attack(tiny_model, ["an image of a church"], x0, steps=20, tokens=3)
+    assert torch.equal(again[0], adv) and again[2] == losses  # seeded: the same draws, the same soft prompt
+
+
 def test_attack_and_relearning_run_in_bf16_as_on_a_gpu(tiny_sd):
     """--dtype bf16's regime (eval.py's default on CUDA): frozen models bf16 under autocast, the soft prompt and the
     relearned UNet fp32 (loaded again from disk), losses fp32."""
     model = common.load_model(tiny_sd, device="cpu", dtype="bf16")
     x0 = attacks.target_latents(model, ["an image of a church"], 2, seed=0)
-    adv, losses = attacks.soft_prompt_attack(model, ["an image of a church"], x0, steps=3, tokens=2)
-    assert adv.dtype == torch.float32 and adv.shape == (2, model.text_encoder.config.hidden_size)
+    adv, ids, losses = attacks.soft_prompt_attack(model, ["an image of a church"], x0, steps=3, tokens=2)
+    assert adv.dtype == torch.float32 and adv.shape == (2, model.text_encoder.config.hidden_size) and len(ids) == 2
     assert model.unet.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(losses)))
     seen = {}
     scores, losses = attacks.relearn(
@@ -115,8 +143,8 @@ def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny
     assert attack["loss"]["mean_last_10"] < attack["loss"]["first"]  # the objective went down
     folder = attack["images"]
     assert len([f for f in os.listdir(folder) if f.endswith(".png")]) == int(N)
-    assert "<5 soft tokens> an image of a church" in open(os.path.join(folder, "prompts.csv")).read()
-    assert os.path.isfile(os.path.join(folder, "soft_prompt.safetensors"))
+    assert f"<soft: {attack['tokens']}> an image of a church" in open(os.path.join(folder, "prompts.csv")).read()
+    assert len(attack["token_ids"]) == 5
     run = tmp_path / "random"
     make_run(run, unet=False, base_model=tiny_sd)
     torch.manual_seed(0)

@@ -58,7 +58,7 @@ def test_attack_and_relearning_run_on_the_sd_architecture_in_bf16(reduced):
     assert model.world == "sd" and model.tokenizer.model_max_length == 77
     prompts = ["an image of a church"]
     x0 = attacks.target_latents(model, prompts, 1, seed=0)
-    adv, losses = attacks.soft_prompt_attack(model, prompts, x0, steps=2, tokens=5)
+    adv, _, losses = attacks.soft_prompt_attack(model, prompts, x0, steps=2, tokens=5)
     assert adv.shape == (5, 64) and adv.dtype == torch.float32 and all(map(math.isfinite, losses))
     scores, losses = attacks.relearn(model, prompts, x0, [1], attacks.RELEARN_LR["sd"], score=lambda s, u: u.dtype)
     assert scores == {1: torch.float32} and math.isfinite(losses[0])
