@@ -6,7 +6,8 @@ its text_grad attacker with the classifier task). k adversarial tokens go after 
 tokens, as the embeddings w @ E of a distribution w over the vocabulary per token, fitted to the frozen unlearned
 UNet by the attack's diffusion-classifier objective min_w E_{t,eps} || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2
 on images x_0 of the concept drawn by the base model; the forget class's evaluation images are then drawn from
-[w @ E; prompt]: ASR = share the judge takes for the concept (1 - UA under attack), beside the clean UA.
+[w @ E; prompt]: ASR = share of those seeds whose image the judge takes for the concept, under the attack or (as
+UnlearnDiffAtk counts: the attack starts where the clean prompt fails) already without it; beside the clean UA.
 --relearn N [N ...]: a copy of the unlearned UNet fine-tuned on the same images with the plain denoising loss; UA
 after each N steps: how fast the concept comes back.
 Deviations from the paper and its code:
@@ -15,7 +16,7 @@ Deviations from the paper and its code:
   1 of 50 images, w @ E in 24;
 - one token set for all the evaluation images, fitted on --target_images base-model images of other seeds, a fresh
   t ~ U{0..999} and noise per step (official: per prompt and seed, 40 steps at each of a set of timesteps, one image,
-  stopping at the first success; a prompt whose clean image already shows the concept counts as a success);
+  stopping at the first success);
 - 5 tokens (the official church config: 3); targets are the base sampler's latents (official: its image through the
   VAE encoder);
 - a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
@@ -242,9 +243,9 @@ def write_images(model, unet, cond, rows, n, folder, t_init=None, prompt=lambda 
     return folder
 
 
-def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
-    """--attack and --relearn on a checked job: metrics["attack"] / ["relearn"]. `accuracy(folder)` is eval.py's
-    judge: the share of a folder's images taken for the forget class; n images per forget row, eval.py's seeds."""
+def run(job: dict, args, device, metrics: dict, n: int, hits_of) -> None:
+    """--attack and --relearn on a checked job: metrics["attack"] / ["relearn"]. `hits_of(folder[, names])` is
+    eval.py's judge: {image name: taken for the forget class}; n images per forget row, eval.py's seeds."""
     if not (args.attack or args.relearn):
         return
     info, forget = job["run"], job["forget"]
@@ -271,11 +272,13 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
         folder = os.path.join(job["path"], "attack")
         cond = soft_prompt_states(model, prompts, adv).detach()
         write_images(model, model.unet, cond, rows, n, folder, t_init, lambda r: f"<soft: {words}> {r['prompt']}")
-        asr = accuracy(folder)
-        metrics["attack"] = dict(
+        hits = hits_of(folder)  # {image name: the concept is seen}, and the same seeds without the attack:
+        clean = hits_of(os.path.join(job["path"], "images"), set(hits))
+        asr = sum(hits[f] or clean[f] for f in hits) / len(hits)  # UnlearnDiffAtk's count: the clean image, else
+        metrics["attack"] = dict(  # the attacked one
             method="soft_prompt",
             ASR=asr,
-            UA_attacked=1 - asr,
+            ASR_attack_only=sum(hits.values()) / len(hits),
             UA_clean=ua_clean,
             forget_class=forget,
             n_images=n * len(rows),
@@ -295,10 +298,13 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
             "the vocabulary per position) fitted by min_w E || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2 on the "
             f"target images, t ~ U{{0..T-1}}{'' if t_init is None else f' (t = t_init {t_init})'}; then n_images of "
             f"the forget rows from [w @ E; prompt] ({sampler}, image k from evaluation_seed + k); ASR = share the "
-            "judge takes for the forget class; tokens = the most likely token of each position (for reading only)",
+            "judge takes for the forget class in the attacked image or, as UnlearnDiffAtk counts, already in the clean "
+            "image of the same seed (ASR_attack_only: the attacked images alone); tokens = the most likely token of "
+            "each position (for reading only)",
         )
         metrics["summary"]["ASR"] = asr
-        print(f"{where}: --attack soft_prompt ASR {asr:.3f} on {n * len(rows)} images of {forget} (clean UA "
+        print(f"{where}: --attack soft_prompt ASR {asr:.3f} (attacked images alone "
+              f"{metrics['attack']['ASR_attack_only']:.3f}) on {n * len(rows)} images of {forget} (clean UA "
               f"{common.fmt(ua_clean, 3)}), tokens {words!r}, {t1 - t0:.0f} s of {args.attack_steps} steps -> "
               f"{folder}")  # fmt: skip
     if args.relearn:
@@ -309,7 +315,8 @@ def run(job: dict, args, device, metrics: dict, n: int, accuracy) -> None:
 
         def ua_after(step, unet):  # relearn/{step}/: the forget rows' images from the UNet relearned `step` steps
             t = time.perf_counter()
-            ua = 1 - accuracy(write_images(model, unet, cond, rows, n, os.path.join(folder, str(step)), t_init))
+            hits = hits_of(write_images(model, unet, cond, rows, n, os.path.join(folder, str(step)), t_init))
+            ua = 1 - sum(hits.values()) / len(hits)
             seconds["generate_and_judge"] += time.perf_counter() - t
             return ua
 

@@ -643,11 +643,11 @@ def plan(path: str, args, reference: dict | None) -> dict:
     return job
 
 
-def forget_share(job: dict, args, device, cache: dict, folder: str) -> float:
-    """Share of an image folder's images the judge takes for the forget class (an attack's ASR, 1 - UA)."""
-    scan, judge = read_folder(folder), get_model(cache, "judge", job["world"], device)
-    top1, _ = judge_and_clip(scan["files"], scan["prompts"], judge, None, args.batch_size, device)
-    return float((top1 == job["index"][job["forget"]]).mean())
+def forget_hits(job: dict, args, device, cache: dict, folder: str, names=None) -> dict:
+    """{image name: whether the judge takes it for the forget class}, for a folder's images (or only `names`)."""
+    files = [f for f in read_folder(folder)["files"] if names is None or os.path.basename(f) in names]
+    top1, _ = judge_and_clip(files, [], get_model(cache, "judge", job["world"], device), None, args.batch_size, device)
+    return {os.path.basename(f): bool(t == job["index"][job["forget"]]) for f, t in zip(files, top1)}
 
 
 def generate_run_images(job: dict, args, device) -> dict:
@@ -689,7 +689,7 @@ def main(args):
             "and of its scoring (first-time model loading included)",
         )
         n = args.n_per_class or DEFAULT_N[job["world"]]
-        attacks.run(job, args, device, metrics, n, partial(forget_share, job, args, device, cache))
+        attacks.run(job, args, device, metrics, n, partial(forget_hits, job, args, device, cache))
         out = args.output or os.path.join(job["path"], "metrics.json")
         common.save_json(out, metrics)  # atomic; makes the folder
         print_table(metrics)

