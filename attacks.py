@@ -1,30 +1,25 @@
 """Is the concept really gone? A soft-prompt attack on, and relearning of, an unlearned UNet; eval.py runs them.
 
---attack soft_prompt: UnlearnDiffAtk (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are
-Still Easy To Generate Unsafe Images ... For Now", arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack,
-its text_grad attacker with the classifier task). k adversarial tokens go after BOS, before the forget prompt's
-tokens, as the embeddings w @ E of a distribution w over the vocabulary per token, fitted to the frozen unlearned
-UNet by the attack's diffusion-classifier objective min_w E_{t,eps} || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2
-on images x_0 of the concept drawn by the base model; the forget class's evaluation images are then drawn from
-[w @ E; prompt]: ASR = share of those seeds whose image the judge takes for the concept, under the attack or (as
-UnlearnDiffAtk counts: the attack starts where the clean prompt fails) already without it; beside the clean UA.
---relearn N [N ...]: a copy of the unlearned UNet fine-tuned on the same images with the plain denoising loss; UA
-after each N steps: how fast the concept comes back.
+--attack soft_prompt: UnlearnDiffAtk (Zhang et al., arXiv 2310.11868; official code OPTML-Group/Diffusion-MU-Attack,
+its text_grad attacker with the classifier task). k token embeddings w @ E (w a distribution over the vocabulary per
+token, E the token embeddings) go after BOS, before the forget prompt, fitted to the frozen unlearned UNet by the
+attack's diffusion-classifier objective min_w E_{t,eps} || eps_theta'(x_t, t, [w @ E; prompt]) - eps ||^2 on images
+x_0 of the concept drawn by the base model. ASR = share of the forget class's evaluation seeds whose image from
+[w @ E; prompt] the judge takes for the concept, or whose clean image already shows it (UnlearnDiffAtk's count).
+--relearn N [N ...]: a copy of the UNet fine-tuned on the same images with the plain denoising loss; UA after N steps.
 Deviations from the paper and its code:
-- the images come from the soft prompt w @ E itself, not from its most likely tokens (official: a token drawn from w
-  at each step, straight-through; the argmax tokens at the end): on ESD's church run the argmax tokens found church in
-  1 of 50 images, w @ E in 24;
-- one token set for all the evaluation images, fitted on --target_images base-model images of other seeds, a fresh
-  t ~ U{0..999} and noise per step (official: per prompt and seed, 40 steps at each of a set of timesteps, one image,
-  stopping at the first success);
-- 5 tokens (the official church config: 3); targets are the base sampler's latents (official: its image through the
-  VAE encoder);
+- the images come from w @ E itself (official: a token drawn from w each step, straight-through, and the argmax
+  tokens at the end): on ESD's church seed-0 run argmax tokens found church in 1 of 50 images, w @ E in 17;
+- one w for all the evaluation images, fitted on --target_images base-model images of other seeds, a fresh t and
+  noise per step (official: per prompt and seed, 40 steps at each of a set of timesteps, one image, stopping at the
+  first success); 5 tokens (official church config: 3); targets are the base sampler's latents (official: its
+  image through the VAE encoder);
 - a one-step generator (SFD's) is attacked and relearned at its t_init, the only timestep it generates from.
-Defaults: 5 tokens, 300 steps, lr 1e-2, 8 target images (25 DDIM steps, guidance 7.5, seeds from --attack_seed);
-relearning: Adam on every UNet parameter, lr 3e-5 (tiny) or 1e-5 (SD), batch = the target images.
+Defaults: 5 tokens, 300 Adam steps (lr 1e-2, weight decay 0.1), 8 target images (25 DDIM steps, guidance 7.5, seeds
+from --attack_seed); relearning: Adam on every UNet parameter, lr 3e-5 (tiny) or 1e-5 (SD), batch = the targets.
 
 Tiny: python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 5 10 20 50  (about a minute beyond eval.py's
-      own, one CPU thread: fitting P ~25 s, 50 images ~6 s per set, relearning ~5 s)
+      own, one CPU thread: fitting w ~25 s, 50 images ~6 s per set, relearning ~5 s)
 SD:   python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 50  (the ResNet-50 judge; on a GPU)
 """
 
