@@ -23,6 +23,7 @@ Tiny: python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 5 10 20
 SD:   python eval.py runs/esd__church__s0 --attack soft_prompt --relearn 50  (the ResNet-50 judge; on a GPU)
 """
 
+import dataclasses
 import os
 import shutil
 import time
@@ -246,8 +247,11 @@ def run(job: dict, args, device, metrics: dict, n: int, hits_of) -> None:
     info, forget = job["run"], job["forget"]
     t_init = (info.get("sampler") or {}).get("t_init")  # an SFD run: its UNet is a one-step generator
     base = common.load_model(info["base_model"], device=device)
-    unet_dir = None if "unet" in info else os.path.join(job["path"], "unet")  # a base model PATH is attacked itself
-    model = base if unet_dir is None else common.load_model(info["base_model"], device=device, unet_path=unet_dir)
+    model = base  # a base model PATH is attacked itself; a run's UNet goes beside the base's other components:
+    if "unet" not in info:
+        unet_dir = os.path.join(job["path"], "unet")
+        unet = common._load_unet(base.path, unet_dir, base.dtype).to(device).eval().requires_grad_(False)
+        model = dataclasses.replace(base, unet=unet, unet_path=unet_dir)
     rows = forget_rows(args.prompts, forget)
     prompts = [r["prompt"] for r in rows]
     t0 = time.perf_counter()
